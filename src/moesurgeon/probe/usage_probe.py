@@ -1,0 +1,170 @@
+"""RouterUsageProbe: hook every router, accumulate usage statistics while the model runs.
+
+    with RouterUsageProbe(model, adapter, group_names=["code", "math"]) as probe:
+        for batch in batches:
+            with probe.batch(attention_mask=batch["attention_mask"], label_ids=batch["label_ids"]):
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    stats = probe.stats            # UsageStats, on the CPU
+
+Accumulation is streaming: memory depends on layers x groups x experts^2, never on the number of
+tokens. Padding is excluded through the attention mask given to `probe.batch`. Accumulators live on
+the router's device so no per-batch host sync is needed. Hooks are removed on exit, also after an
+exception. Records are keyed by each router's fully qualified module name.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..arch import ArchAdapter, MoELayer
+from ..hooks import forward_hooks
+from .stats import UsageStats, entropy_bits
+
+
+class RouterUsageProbe:
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ArchAdapter,
+        group_names: list[str] | None = None,
+        trace_path: str | Path | None = None,
+        trace_max_tokens: int = 100_000,
+    ):
+        self.model = model
+        self.adapter = adapter
+        self.layers: list[MoELayer] = adapter.moe_layers(model)
+        experts = {layer.num_experts for layer in self.layers}
+        if len(experts) != 1:
+            raise ValueError(f"MoE layers have different expert counts {sorted(experts)}; the probe expects one")
+        self.num_experts = experts.pop()
+        self.group_names = list(group_names) if group_names else ["all"]
+        self.trace_path = Path(trace_path) if trace_path else None
+        self.trace_max_tokens = trace_max_tokens
+        self._trace_written = 0
+        self._trace_file = None
+        self._stats: UsageStats | None = None
+        self._mask: torch.Tensor | None = None  # [T] bool, flattened batch
+        self._groups: torch.Tensor | None = None  # [T] int64
+        self._input_ids: torch.Tensor | None = None
+        self._stack: ExitStack | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "RouterUsageProbe":
+        stack = ExitStack()
+        try:
+            pairs = [(layer.router, self._make_hook(pos, layer)) for pos, layer in enumerate(self.layers)]
+            stack.enter_context(forward_hooks(pairs))
+            if self.trace_path is not None:
+                self._trace_file = stack.enter_context(open(self.trace_path, "w", encoding="utf-8"))
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stack, self._stack = self._stack, None
+        self._trace_file = None
+        if stack is not None:
+            stack.close()
+
+    @contextmanager
+    def batch(
+        self,
+        attention_mask: torch.Tensor | None = None,
+        label_ids: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+    ) -> Iterator[None]:
+        """Tell the probe which tokens of the next forward are real and which group each row is in."""
+        try:
+            if attention_mask is not None:
+                self._mask = attention_mask.reshape(-1).bool()
+            if label_ids is not None:
+                if label_ids.min() < 0 or label_ids.max() >= len(self.group_names):
+                    raise ValueError(
+                        f"label_ids {label_ids.tolist()} out of range for groups {self.group_names}"
+                    )
+                seq = attention_mask.shape[-1] if attention_mask is not None else input_ids.shape[-1]
+                self._groups = label_ids.long().repeat_interleave(seq)
+            self._input_ids = input_ids
+            yield
+        finally:
+            self._mask = self._groups = self._input_ids = None
+
+    @property
+    def stats(self) -> UsageStats:
+        if self._stats is None:
+            raise RuntimeError("the probe has seen no forward pass: run the model inside `with probe:`")
+        return self._stats.to("cpu")
+
+    # ------------------------------------------------------------------ accumulation
+    def _ensure_stats(self, device) -> UsageStats:
+        if self._stats is None:
+            top_k = [self.adapter.get_top_k(layer) for layer in self.layers]
+            names = [layer.router_name for layer in self.layers]
+            self._stats = UsageStats.zeros(names, self.group_names, self.num_experts, top_k, device=device)
+        return self._stats
+
+    def _make_hook(self, pos: int, layer: MoELayer):
+        def hook(module, inputs, output):
+            with torch.no_grad():
+                self._accumulate(pos, layer, output)
+
+        return hook
+
+    def _accumulate(self, pos: int, layer: MoELayer, output) -> None:
+        routing = self.adapter.routing(layer, output)
+        probs, indices, weights = routing.probs, routing.indices, routing.weights
+        T = probs.shape[0]
+        device = probs.device
+        stats = self._ensure_stats(device)
+        groups = self._groups if self._groups is not None else torch.zeros(T, dtype=torch.long)
+        groups = groups.to(device)
+        if self._mask is not None:
+            if self._mask.numel() != T:
+                raise ValueError(
+                    f"probe.batch() got an attention mask of {self._mask.numel()} tokens but router "
+                    f"{layer.router_name} saw {T}; pass the mask of the batch being run"
+                )
+            keep = self._mask.to(device)
+            trace_rows = keep.nonzero().squeeze(-1) if self._trace_file is not None else None
+            probs, indices, weights, groups = probs[keep], indices[keep], weights[keep], groups[keep]
+        else:
+            trace_rows = torch.arange(T) if self._trace_file is not None else None
+        E = self.num_experts
+        selected = torch.zeros(probs.shape[0], E, device=device).scatter_(1, indices, 1.0)
+        mass = torch.zeros(probs.shape[0], E, device=device, dtype=torch.float64)
+        mass.scatter_(1, indices, weights.double())
+        ones = torch.ones_like(groups)
+        stats.tokens[pos].index_add_(0, groups, ones)
+        stats.counts[pos].index_add_(0, groups, selected.long())
+        stats.gate_mass[pos].index_add_(0, groups, mass)
+        stats.prob_sum[pos].index_add_(0, groups, probs.double())
+        stats.entropy_sum[pos].index_add_(0, groups, entropy_bits(probs).double())
+        for g in range(len(self.group_names)):
+            in_group = selected * (groups == g).unsqueeze(-1)
+            # exact joint counts: (tokens x E)^T @ (tokens x E) of 0/1 selections
+            stats.coact[pos, g] += (in_group.T @ selected).round().long()
+        if trace_rows is not None:
+            self._write_trace(layer, trace_rows, indices, weights)
+
+    def _write_trace(self, layer: MoELayer, rows, indices, weights) -> None:
+        if self._trace_written >= self.trace_max_tokens:
+            return
+        n = min(len(rows), self.trace_max_tokens - self._trace_written)
+        ids = self._input_ids.reshape(-1) if self._input_ids is not None else None
+        seq = self._input_ids.shape[-1] if self._input_ids is not None else None
+        idx, wts = indices[:n].tolist(), weights[:n].tolist()
+        for j, row in enumerate(rows[:n].tolist()):
+            rec = {"layer": layer.router_name, "token_index": row, "experts": idx[j], "weights": [round(w, 6) for w in wts[j]]}
+            if ids is not None:
+                rec["token_id"] = int(ids[row])
+                rec["example"], rec["position"] = divmod(row, seq)
+            self._trace_file.write(json.dumps(rec) + "\n")
+        self._trace_written += n
