@@ -57,3 +57,13 @@ def data_spec(cfg: DictConfig, split: str = "heldout", only_labels=None) -> Data
         max_examples=part.get("max_examples", d.get("max_examples")),
         only_labels=list(only_labels) if only_labels else None, seed=int(cfg.get("seed", 0)),
     )
+
+
+def export_options(cfg: DictConfig):
+    from .export import ExportOptions
+
+    e = cfg.export
+    return ExportOptions(
+        mode=str(e.mode), max_shard_size=str(e.max_shard_size), link=str(e.link), overwrite=bool(e.overwrite),
+        verify_reload=e.verify_reload, verify_max_bytes=str(e.verify_max_bytes), allow_pickle=bool(e.allow_pickle),
+    )
