@@ -121,38 +121,36 @@ class RouterUsageProbe:
     def _accumulate(self, pos: int, layer: MoELayer, output) -> None:
         routing = self.adapter.routing(layer, output)
         probs, indices, weights = routing.probs, routing.indices, routing.weights
-        T = probs.shape[0]
+        T, E, G = probs.shape[0], self.num_experts, len(self.group_names)
         device = probs.device
         stats = self._ensure_stats(device)
-        groups = self._groups if self._groups is not None else torch.zeros(T, dtype=torch.long)
-        groups = groups.to(device)
+        # W[t, g] = 1 when token t is real and in group g: every statistic is then one small
+        # matmul W^T @ X, with no boolean indexing and no per-group loop over tokens.
+        groups = self._groups.to(device) if self._groups is not None else torch.zeros(T, dtype=torch.long, device=device)
+        W = torch.nn.functional.one_hot(groups, G).float()
         if self._mask is not None:
             if self._mask.numel() != T:
                 raise ValueError(
                     f"probe.batch() got an attention mask of {self._mask.numel()} tokens but router "
                     f"{layer.router_name} saw {T}; pass the mask of the batch being run"
                 )
-            keep = self._mask.to(device)
-            trace_rows = keep.nonzero().squeeze(-1) if self._trace_file is not None else None
-            probs, indices, weights, groups = probs[keep], indices[keep], weights[keep], groups[keep]
-        else:
-            trace_rows = torch.arange(T) if self._trace_file is not None else None
-        E = self.num_experts
-        selected = torch.zeros(probs.shape[0], E, device=device).scatter_(1, indices, 1.0)
-        mass = torch.zeros(probs.shape[0], E, device=device, dtype=torch.float64)
-        mass.scatter_(1, indices, weights.double())
-        ones = torch.ones_like(groups)
-        stats.tokens[pos].index_add_(0, groups, ones)
-        stats.counts[pos].index_add_(0, groups, selected.long())
-        stats.gate_mass[pos].index_add_(0, groups, mass)
-        stats.prob_sum[pos].index_add_(0, groups, probs.double())
-        stats.entropy_sum[pos].index_add_(0, groups, entropy_bits(probs).double())
-        for g in range(len(self.group_names)):
-            in_group = selected * (groups == g).unsqueeze(-1)
-            # exact joint counts: (tokens x E)^T @ (tokens x E) of 0/1 selections
-            stats.coact[pos, g] += (in_group.T @ selected).round().long()
-        if trace_rows is not None:
-            self._write_trace(layer, trace_rows, indices, weights)
+            W = W * self._mask.to(device).unsqueeze(-1)
+        selected = torch.zeros(T, E, device=device).scatter_(1, indices, 1.0)
+        mass = torch.zeros(T, E, device=device).scatter_(1, indices, weights)
+        Wt = W.T
+        # float32 sums are exact for per-batch counts below 2**24; totals accumulate in int64/float64
+        stats.tokens[pos] += Wt.sum(-1).round().long()
+        stats.counts[pos] += (Wt @ selected).round().long()
+        stats.gate_mass[pos] += (Wt @ mass).double()
+        stats.prob_sum[pos] += (Wt @ probs).double()
+        stats.entropy_sum[pos] += (Wt @ entropy_bits(probs)).double()
+        # exact joint counts per group: (T x G*E)^T @ (T x E) of 0/1 selections
+        per_group = (W.unsqueeze(-1) * selected.unsqueeze(1)).reshape(T, G * E)
+        stats.coact[pos] += (per_group.T @ selected).reshape(G, E, E).round().long()
+        if self._trace_file is not None:
+            rows = self._mask.nonzero().squeeze(-1) if self._mask is not None else torch.arange(T)
+            rows = rows.to(device)
+            self._write_trace(layer, rows, indices[rows], weights[rows])
 
     def _write_trace(self, layer: MoELayer, rows, indices, weights) -> None:
         if self._trace_written >= self.trace_max_tokens:

@@ -1,0 +1,28 @@
+"""Checkpoint I/O for moesurgeon: read Hugging Face checkpoints lazily, write patched copies cheaply.
+
+A leaf package: it imports only the standard library, torch and safetensors,
+and knows nothing about model families; it moves tensors and files.
+
+- `CheckpointReader(model_dir)`: validated, lazy, one-shard-at-a-time reads.
+- `write_patched_checkpoint(source_dir, out_dir, Patch(...))`: an atomic,
+  verified patched copy that reuses (hard-links / reflinks) unchanged shards.
+"""
+
+from .checkpoint_reader import CheckpointReader, TensorInfo
+from .errors import CheckpointError
+from .patch_writer import Patch, WriteReport, write_patched_checkpoint
+from .safetensors_format import ShardHeader, TensorEntry, read_header
+from .shard_layout import parse_size
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointReader",
+    "Patch",
+    "ShardHeader",
+    "TensorEntry",
+    "TensorInfo",
+    "WriteReport",
+    "parse_size",
+    "read_header",
+    "write_patched_checkpoint",
+]

@@ -1,0 +1,276 @@
+"""Write a patched copy of a checkpoint without rewriting what did not change.
+
+`write_patched_checkpoint(source_dir, out_dir, Patch(...))` produces a new
+checkpoint directory; the source is only ever opened for reading.
+
+Design: what happens to a shard, mode="reuse" (the default)
+-----------------------------------------------------------
+- untouched shard -> hard link (or copy, see `link`): no bytes written.
+- shard with REPLACED tensors only -> a copy of the shard in which just those
+  tensors' bytes are overwritten. Replacements must keep dtype and shape, so
+  the header and every offset stay identical and the index is unchanged. On a
+  copy-on-write filesystem (btrfs, XFS reflink, bcachefs) the copy is a
+  reflink and only the new tensor bytes are written; elsewhere (ext4, most
+  network filesystems) the whole shard is copied (kernel-side copy_file_range).
+- shard with DROPPED tensors -> rewritten without them (raw byte ranges copied
+  from the source, replacements written inline, memory flat).
+- ADDED tensors -> new `model-patch-0000i-of-0000K.safetensors` shard(s),
+  split at max_shard_size.
+
+Rejected alternative: keep every source shard as a hard link and put the
+replacement in the patch shard, with the index pointing there. Output would
+cost only the changed bytes on any filesystem, but the old value would stay
+in the linked shard as a stale duplicate key. transformers 5 builds one dict
+from ALL keys of all shards (later file wins, so correctness would hang on
+file-name order), vLLM's safetensors iterator loads every key of every file
+(order-dependent again), and llama.cpp's convert_hf_to_gguf.py reads every
+tensor of every shard and fails on the duplicate. The key cannot be removed
+from the header alone either: the safetensors reader rejects data sections with
+unreferenced gaps. So every output file holds exactly the keys the index
+points at, and the price is paid where the filesystem cannot share blocks:
+bytes written = size of the shards holding replaced tensors. For router/top-k
+patches of real MoE models the routers sit in every shard, so on ext4 this is
+about one full copy, while on a reflink filesystem it is the router bytes
+(see experiments/patch_io/README.md for measured figures).
+
+mode="full" rewrites everything at max_shard_size with HF names
+(`model-0000i-of-0000N.safetensors`), streaming raw byte ranges one source file
+at a time; pickle sources are always written this way (nothing to reuse).
+
+Hard links: reused output shards share inodes with the source. Tools must
+replace such files (write new, rename over), never edit them in place.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic_dir import atomic_output_dir, check_not_nested
+from .checkpoint_reader import SAFETENSORS_INDEX, CheckpointReader
+from .errors import CheckpointError
+from .file_copy import link_or_copy
+from .output_verifier import Layout, verify_output
+from .safetensors_format import dtype_name, element_bits, expected_nbytes
+from .shard_layout import parse_size, shard_names, split_greedy, write_index
+from .shard_writer import OutTensor, RawBytes, clone_with_overwrites, write_shard
+from .sidecar_files import copy_sidecar_files, write_config
+
+
+@dataclass
+class Patch:
+    """What to change. Names are the on-disk tensor names (as in the index's weight_map)."""
+
+    replace: dict[str, torch.Tensor] = field(default_factory=dict)  # same dtype and shape as on disk
+    add: dict[str, torch.Tensor] = field(default_factory=dict)  # new names, stored in their own dtype
+    drop: set[str] = field(default_factory=set)  # must exist
+    config_edits: dict[str, Any] = field(default_factory=dict)  # merged into config.json (nested dicts merge)
+    metadata: dict[str, str] | None = None  # into the index metadata and the new shards' __metadata__
+
+
+@dataclass
+class WriteReport:
+    out_dir: str
+    mode: str
+    bytes_written_tensors: int = 0  # shard bytes physically written by us (not hard-linked or reflinked)
+    bytes_changed_tensors: int = 0  # bytes of replaced + added tensors
+    bytes_written_other: int = 0  # index, config.json, copied sidecar files
+    shards_reused: list[str] = field(default_factory=list)  # identical to a source shard
+    shards_written: list[str] = field(default_factory=list)  # new content
+    # per output shard: hardlink | reflink | copy | reflink+patch | copy+patch | trimmed | new
+    reuse_method: dict[str, str] = field(default_factory=dict)
+    files_copied: list[str] = field(default_factory=list)
+    files_skipped: list[str] = field(default_factory=list)  # stale weights of other formats, not copied
+    notes: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def write_amplification(self) -> float:
+        """bytes_written_tensors / bytes_changed_tensors (inf when nothing changed but bytes were written)."""
+        if self.bytes_changed_tensors == 0:
+            return 0.0 if self.bytes_written_tensors == 0 else float("inf")
+        return self.bytes_written_tensors / self.bytes_changed_tensors
+
+
+def write_patched_checkpoint(
+    source_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    patch: Patch,
+    *,
+    mode: str = "reuse",
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    link: str = "auto",
+    allow_pickle: bool = False,
+    verify: bool = True,
+    fsync: bool = True,
+) -> WriteReport:
+    """Write source_dir with `patch` applied to out_dir, atomically. See the module docstring."""
+    start = time.perf_counter()
+    if mode not in ("reuse", "full"):
+        raise CheckpointError(f"mode={mode!r}: expected 'reuse' or 'full'")
+    if link not in ("auto", "hardlink", "copy"):
+        raise CheckpointError(f"link={link!r}: expected 'auto', 'hardlink' or 'copy'")
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    check_not_nested(source_dir, out_dir)
+    max_bytes = parse_size(max_shard_size)
+    with CheckpointReader(source_dir, allow_pickle=allow_pickle) as reader:
+        _check_patch(reader, patch)
+        report = WriteReport(out_dir=str(out_dir), mode=mode)
+        if reader.format == "pickle" and mode == "reuse":
+            report.mode = "full"
+            report.notes.append("pickle source: nothing can be reused, all tensors written as safetensors")
+        report.bytes_changed_tensors = sum(_nbytes(t) for t in [*patch.replace.values(), *patch.add.values()])
+        shard_meta = {"format": "pt", **(patch.metadata or {})}
+        with atomic_output_dir(out_dir, overwrite=overwrite, fsync=fsync) as tmp:
+            if report.mode == "reuse":
+                layout, weight_map = _write_reuse(reader, patch, tmp, link, fsync, report)
+                prefix = _free_prefix(reader.shards())
+            else:
+                layout, weight_map = {}, {}
+                prefix = "model"
+            _write_new_shards(_full_items(reader, patch) if report.mode == "full" else _added_items(patch),
+                              tmp, prefix, max_bytes, shard_meta, fsync, report, layout, weight_map)
+            metadata = {**reader.index_metadata, **(patch.metadata or {})}
+            _set_totals(metadata, layout, weight_map)
+            report.bytes_written_other += write_index(tmp / SAFETENSORS_INDEX, weight_map, metadata)
+            if write_config(source_dir, tmp, patch.config_edits):
+                report.bytes_written_other += (tmp / "config.json").stat().st_size
+            report.files_copied, report.files_skipped = copy_sidecar_files(source_dir, tmp, reader.weight_files())
+            report.bytes_written_other += sum((tmp / f).stat().st_size for f in report.files_copied)
+            if verify:
+                verify_output(tmp, layout, weight_map, {**patch.replace, **patch.add})
+    report.elapsed_s = time.perf_counter() - start
+    return report
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _check_patch(reader: CheckpointReader, patch: Patch) -> None:
+    """Reject an inconsistent patch before anything is written."""
+    for kind, tensors in (("replace", patch.replace), ("add", patch.add)):
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise CheckpointError(f"patch.{kind}[{name!r}] is a {type(t).__name__}, expected a torch.Tensor")
+    both = sorted(set(patch.replace) & set(patch.drop))
+    if both:
+        raise CheckpointError(f"tensor {both[0]!r} is both replaced and dropped; keep one of the two")
+    for name in sorted(patch.drop):
+        if name not in reader:
+            raise CheckpointError(f"cannot drop {name!r}: the checkpoint has no such tensor "
+                                  "(names must be the on-disk names of the index's weight_map)")
+    for name, t in patch.replace.items():
+        if name not in reader:
+            raise CheckpointError(f"cannot replace {name!r}: the checkpoint has no such tensor; use patch.add "
+                                  "for new tensors (names must be the on-disk names of the weight_map)")
+        info, got = reader.header(name), dtype_name(t.dtype)
+        if (got, tuple(t.shape)) != (info.dtype, info.shape):
+            raise CheckpointError(
+                f"replacement for {name!r} is {got} {list(t.shape)} but the checkpoint stores {info.dtype} "
+                f"{list(info.shape)}; cast/reshape it before patching (on-disk dtypes and shapes are kept; "
+                "to change a shape, drop the tensor and add it)")
+    for name, t in patch.add.items():
+        if name in reader and name not in patch.drop:
+            raise CheckpointError(f"cannot add {name!r}: the checkpoint already has it; use patch.replace")
+        dtype_name(t.dtype)  # raises for dtypes safetensors cannot store
+    if not isinstance(patch.config_edits, dict):
+        raise CheckpointError(f"patch.config_edits must be a dict, got {type(patch.config_edits).__name__}")
+    if patch.metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in patch.metadata.items()):
+        raise CheckpointError("patch.metadata must map str to str (safetensors __metadata__ holds strings only)")
+
+
+def _write_reuse(reader: CheckpointReader, patch: Patch, tmp: Path, link: str, fsync: bool,
+                 report: WriteReport) -> tuple[Layout, dict[str, str]]:
+    layout: Layout = {}
+    weight_map: dict[str, str] = {}
+    for shard in reader.shards():
+        header = reader.shard_header(shard)
+        src, dst = str(reader.shard_path(shard)), str(tmp / shard)
+        replaced = [n for n in header.entries if n in patch.replace and reader.shard_of(n) == shard]
+        dropped = [n for n in header.entries if n in patch.drop and reader.shard_of(n) == shard]
+        kept = [e for n, e in header.entries.items() if n not in dropped]
+        if not kept:
+            report.notes.append(f"{shard}: every tensor dropped, shard omitted")
+            continue
+        if not replaced and not dropped:
+            method = link_or_copy(src, dst, link=link, fsync=fsync)
+            report.shards_reused.append(shard)
+            if method == "copy":
+                report.bytes_written_tensors += header.file_size
+        else:
+            report.shards_written.append(shard)
+            if not dropped:  # same dtype/shape guaranteed: overwrite bytes in a copy, header unchanged
+                overwrites = [(header.entries[n].begin, patch.replace[n]) for n in replaced]
+                method, written = clone_with_overwrites(src, dst, overwrites, fsync=fsync)
+            else:
+                out = [OutTensor(e.name, e.dtype, e.shape, e.nbytes,
+                                 patch.replace[e.name] if e.name in replaced else RawBytes(src, e.begin, e.end))
+                       for e in kept]
+                method, written = "trimmed", write_shard(dst, out, header.metadata, fsync=fsync)
+            report.bytes_written_tensors += written
+        report.reuse_method[shard] = method
+        layout[shard] = {e.name: (e.dtype, e.shape) for e in kept}
+        weight_map.update({n: shard for n in reader.names_in_shard(shard) if n not in patch.drop})
+    return layout, weight_map
+
+
+def _free_prefix(existing: list[str]) -> str:
+    """'model-patch', or 'model-patch2', ... when the source already holds such shards (a patch of a patch)."""
+    k = 1
+    while any(s.startswith(f"model-patch{k if k > 1 else ''}-") for s in existing):
+        k += 1
+    return f"model-patch{k if k > 1 else ''}"
+
+
+def _added_items(patch: Patch) -> list[OutTensor]:
+    return [OutTensor(n, dtype_name(t.dtype), tuple(t.shape), _nbytes(t), t) for n, t in patch.add.items()]
+
+
+def _full_items(reader: CheckpointReader, patch: Patch) -> list[OutTensor]:
+    """Every kept tensor in source storage order, then the added ones. Sources are byte ranges, not loads."""
+    items = []
+    for shard in reader.shards():
+        for name in reader.names_in_shard(shard):
+            if name in patch.drop:
+                continue
+            info = reader.header(name)
+            if name in patch.replace:
+                source: RawBytes | torch.Tensor = patch.replace[name]
+            elif reader.format == "pickle":
+                source = reader.get(name)  # mmap-backed
+            else:
+                source = RawBytes(str(reader.shard_path(shard)), info.begin, info.end)
+            items.append(OutTensor(name, info.dtype, info.shape, info.nbytes, source))
+    return items + _added_items(patch)
+
+
+def _write_new_shards(items: list[OutTensor], tmp: Path, prefix: str, max_bytes: int, metadata: dict[str, str],
+                      fsync: bool, report: WriteReport, layout: Layout, weight_map: dict[str, str]) -> None:
+    groups = split_greedy(items, [t.nbytes for t in items], max_bytes)
+    for file, group in zip(shard_names(len(groups), prefix), groups, strict=True):
+        report.bytes_written_tensors += write_shard(str(tmp / file), group, metadata, fsync=fsync)
+        report.shards_written.append(file)
+        report.reuse_method[file] = "new"
+        layout[file] = {t.name: (t.dtype, t.shape) for t in group}
+        weight_map.update({t.name: file for t in group})
+
+
+def _set_totals(metadata: dict, layout: Layout, weight_map: dict[str, str]) -> None:
+    total_bytes = total_params = 0
+    for name, shard in weight_map.items():
+        dtype, shape = layout[shard][name]
+        total_bytes += expected_nbytes(dtype, shape) or 0
+        numel = 1
+        for d in shape:
+            numel *= d
+        total_params += numel if element_bits(dtype) else 0
+    metadata["total_size"] = total_bytes
+    if "total_parameters" in metadata:
+        metadata["total_parameters"] = total_params
