@@ -89,11 +89,17 @@ def test_cli_entry_point_runs_and_honours_run_dir(tiny_checkpoint, tmp_path):
     ckpt = tiny_checkpoint("mixtral")
     data = write_tiny_jsonl(tmp_path / "eval.jsonl")
     out = tmp_path / "cli-run"
-    cmd = [sys.executable, "-m", "moesurgeon", "experiment=router_usage", f"model.path={ckpt}", "data=jsonl",
-           f"data.heldout.path={data}", "data.block_size=32", "progress=false", f"hydra.run.dir={out}"]
+    # a user's own config dir adds an experiment on top of the packaged ones
+    user_conf = tmp_path / "my_conf" / "experiment"
+    user_conf.mkdir(parents=True)
+    (user_conf / "my_usage.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - router_usage\ndata:\n  block_size: 24\n")
+    cmd = [sys.executable, "-m", "moesurgeon", "--config-dir", str(user_conf.parent), "experiment=my_usage",
+           f"model.path={ckpt}", "data=jsonl", f"data.heldout.path={data}", "progress=false", f"hydra.run.dir={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "metrics.json").is_file() and (out / ".hydra" / "config.yaml").is_file()
+    assert "block_size: 24" in (out / "config_resolved.yaml").read_text()
 
 
 def test_no_hooks_left_after_experiment(tiny_checkpoint):
