@@ -112,3 +112,16 @@ def test_lora_target_parameters_exist(family):
     names = [n for n, _ in model.named_parameters()]
     for t in targets:
         assert any(n.endswith(t) for n in names), (t, [n for n in names if "gate" in n or "router" in n])
+
+
+def test_route_from_logits_reproduces_the_family_router(family):
+    """Custom routers rely on this: selection from logits must equal the family's own router."""
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    for layer in adapter.moe_layers(model):
+        h = torch.randn(12, model.config.hidden_size)
+        logits, weights, indices = layer.router(h)
+        _, w2, i2 = adapter.route_from_logits(layer, logits)
+        order, order2 = indices.sort(-1), i2.sort(-1)
+        assert torch.equal(order.values, order2.values), (family, indices, i2)
+        torch.testing.assert_close(weights.gather(1, order.indices), w2.gather(1, order2.indices))

@@ -168,6 +168,23 @@ class ArchAdapter:
             weights=weights.reshape(-1, weights.shape[-1]).float(),
         )
 
+    def route_from_logits(self, layer: MoELayer, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The family's selection applied to (possibly edited) router logits [T, E].
+
+        Returns what the family's router returns: (logits, top-k weights, top-k indices). Custom
+        routers compute their own logits (masks as -inf, biases added) and call this, so the
+        selection and renormalisation stay exactly the family's. Default: softmax -> top-k ->
+        optional renormalisation (qwen2/3, olmoe; mixtral always renormalises).
+        """
+        router = layer.router
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        weights, indices = torch.topk(probs, int(router.top_k), dim=-1)
+        if getattr(router, "norm_topk_prob", self.always_renormalize):
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights.to(logits.dtype), indices
+
+    always_renormalize: ClassVar[bool] = False
+
     # ---------------------------------------------------------------- names on disk
     def disk_name(self, name: str) -> str:
         """On-disk tensor name for an in-memory parameter name of a router."""

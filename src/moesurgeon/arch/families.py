@@ -6,6 +6,8 @@ in ../shared/notes/transformers5-moe.md (router classes, scoring, on-disk names)
 
 from __future__ import annotations
 
+import torch
+
 from .base import ArchAdapter, MoELayer
 
 
@@ -38,6 +40,7 @@ class MixtralAdapter(ArchAdapter):
 
     model_types = ("mixtral",)
     router_class_names = ("MixtralTopKRouter",)
+    always_renormalize = True
     num_experts_keys = ("num_local_experts",)
     disk_block_attr = "block_sparse_moe"
     expert_disk_suffixes = ("w1.weight", "w2.weight", "w3.weight")
@@ -60,6 +63,21 @@ class DeepseekV3Adapter(ArchAdapter):
         per_group = layer.num_experts // int(router.num_group)
         return int(router.topk_group) * per_group
 
+    def route_from_logits(self, layer: MoELayer, logits: torch.Tensor):
+        r = layer.router
+        logits = logits.float()
+        scores = logits.sigmoid()
+        choice = scores + r.e_score_correction_bias
+        groups = int(r.num_group)
+        group_scores = choice.view(-1, groups, layer.num_experts // groups).topk(2, dim=-1).values.sum(-1)
+        keep_groups = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(int(r.topk_group), dim=-1).indices, 1.0)
+        keep = keep_groups.repeat_interleave(layer.num_experts // groups, dim=1).bool()
+        indices = choice.masked_fill(~keep, float("-inf")).topk(int(r.top_k), dim=-1).indices
+        weights = scores.gather(1, indices)
+        if r.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return logits, weights * r.routed_scaling_factor, indices
+
 
 class GptOssAdapter(ArchAdapter):
     """gpt-oss: router `mlp.router` with a bias; top-k on logits, then softmax over the k chosen.
@@ -71,6 +89,10 @@ class GptOssAdapter(ArchAdapter):
     router_attr = "router"
     num_experts_keys = ("num_local_experts",)
     expert_disk_suffixes = None
+
+    def route_from_logits(self, layer: MoELayer, logits: torch.Tensor):
+        top, indices = torch.topk(logits, int(layer.router.top_k), dim=-1)
+        return logits, torch.softmax(top, dim=1, dtype=top.dtype), indices
 
 
 ADAPTERS: tuple[type[ArchAdapter], ...] = (
