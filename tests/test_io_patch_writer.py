@@ -317,3 +317,18 @@ def test_parse_size():
     for bad in ("5XB", "-1", 0, "GB"):
         with pytest.raises(CheckpointError, match="max_shard_size"):
             parse_size(bad)
+
+
+def test_output_directory_has_ordinary_permissions(tmp_path):
+    """mkdtemp's private 0700 must not leak into the published directory (other users serve it)."""
+    import os
+    import stat
+
+    from moesurgeon.io.atomic_dir import atomic_output_dir
+
+    out = tmp_path / "published"
+    with atomic_output_dir(out, overwrite=False, fsync=False) as tmp:
+        (tmp / "f").write_text("x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask

@@ -56,6 +56,10 @@ def atomic_output_dir(out_dir: str | os.PathLike, *, overwrite: bool, fsync: boo
                               "or choose a new directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # mkdtemp makes a private 0700 dir; the output must be readable like any directory the user creates
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
         if fsync:
