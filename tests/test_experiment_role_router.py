@@ -1,0 +1,76 @@
+"""experiment=role_router through the real Hydra configs on tiny checkpoints."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from moesurgeon.experiments.role_router import ExportRefusedError
+from moesurgeon.routers import RouterConfigError
+from moesurgeon.runner import run_experiment
+from test_experiment_router_usage import compose_cfg
+from tiny_models import write_tiny_jsonl
+
+ROLES = ("+roles={code:{label:code,prefer:[{mode:boost,experts:auto,strength:2.0}]},"
+         "prose:{label:prose,prefer:[{mode:boost,experts:auto,strength:2.0}]}}")
+
+
+def cfg_for(tmp_path, ckpt, *extra, roles=ROLES):
+    data = write_tiny_jsonl(tmp_path / "data.jsonl", repeat=2)
+    return compose_cfg([
+        "experiment=role_router", f"model.path={ckpt}", "data=jsonl", f"data.heldout.path={data}",
+        f"data.train.path={data}", "data.label_field=domain", "data.block_size=32", "data.batch_size=8",
+        "progress=false", "~roles", roles, "role_router.export.distill.steps=60", *extra])
+
+
+def test_role_aware_measured_and_distilled(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint("qwen3_moe")
+    out = tmp_path / "run"
+    m = run_experiment(cfg_for(tmp_path, ckpt), out)
+    for role in ("code", "prose"):
+        assert m[f"role_share/after/{role}"] > m[f"role_share/before/{role}"]
+        assert m[f"before/ppl/{role}"] > 1 and m[f"after/ppl/{role}"] > 1 and m[f"exported/ppl/{role}"] > 1
+    assert m["before/tokens_per_s"] > 0 and m["after/tokens_per_s"] > 0
+    assert m["export/mode"] == "distill" and m["export/done"] is True
+    assert m["export/agreement/all"] >= 0.9 and m["export/verified_reload"]
+    experts = json.loads((out / "role_experts.json").read_text())
+    assert set(experts) == {"code", "prose"} and all(len(v) == 2 for v in experts["code"].values())
+    for name in ("usage_heatmap_before.png", "usage_heatmap_after.png", "usage_before_after_code.png", "role_share.png"):
+        assert (out / name).stat().st_size > 1000
+    AutoModelForCausalLM.from_pretrained(out / "checkpoint")  # a standard checkpoint
+
+
+def test_export_refused_below_agreement_floor(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint("qwen3_moe")
+    out = tmp_path / "refused"
+    cfg = cfg_for(tmp_path, ckpt, "role_router.export.min_agreement=1.01", "role_router.export.distill.steps=5",
+                  "role_router.figures=false")
+    with pytest.raises(ExportRefusedError, match=r"agree with the custom router on [\d.]+% .* below .*min_agreement=101%"):
+        run_experiment(cfg, out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["export/done"] is False and 0 <= metrics["export/agreement/all"] <= 1
+    assert not (out / "checkpoint").exists()
+
+
+def test_expert_mask_pruned_on_deepseek(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint("deepseek_v3")
+    out = tmp_path / "mask"
+    m = run_experiment(cfg_for(tmp_path, ckpt, "router=expert_mask", "router.experts=[2,5]", "role_router.figures=false"),
+                       out)
+    assert m["export/mode"] == "prune" and m["export/exact"] and m["export/max_abs_logit_diff"] < 1e-5
+    config = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert config["n_routed_experts"] == 6
+
+
+def test_bad_inputs_fail_with_the_fix(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint("qwen3_moe")
+    with pytest.raises(RouterConfigError, match=r"unknown role 'cod'.*\['code', 'prose'\]"):
+        run_experiment(cfg_for(tmp_path, ckpt, "role_router.active_roles=[cod]"), tmp_path / "a")
+    with pytest.raises(RouterConfigError, match="export.mode=bias cannot express a RoleAwareRouter"):
+        run_experiment(cfg_for(tmp_path, ckpt, "role_router.export.mode=bias"), tmp_path / "b")
+    with pytest.raises(RouterConfigError, match="qwen3_moe routers have no `bias` tensor"):
+        run_experiment(cfg_for(tmp_path, ckpt, "router=static_bias", "role_router.export.mode=bias"), tmp_path / "c")
+    with pytest.raises(RouterConfigError, match=r"expert index 8 is out of range"):
+        run_experiment(cfg_for(tmp_path, ckpt, "router=expert_mask", "router.experts=[8]"), tmp_path / "d")
+    with pytest.raises(RouterConfigError, match=r"role 'code' would never apply: its tag '</s>'"):
+        run_experiment(cfg_for(tmp_path, ckpt, roles="+roles={code:{tag:'</s>'}}"), tmp_path / "e")
