@@ -125,3 +125,17 @@ def test_route_from_logits_reproduces_the_family_router(family):
         order, order2 = indices.sort(-1), i2.sort(-1)
         assert torch.equal(order.values, order2.values), (family, indices, i2)
         torch.testing.assert_close(weights.gather(1, order.indices), w2.gather(1, order2.indices))
+
+
+def test_route_from_logits_never_picks_masked_experts(family):
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    layer = adapter.moe_layers(model)[-1]
+    logits = layer.router(torch.randn(16, model.config.hidden_size))[0].clone()
+    logits[:, :3] = float("-inf")  # experts 0-2 masked
+    if hasattr(layer.router, "e_score_correction_bias"):
+        with torch.no_grad():
+            layer.router.e_score_correction_bias[:3] = 10.0  # a bias that would otherwise pick them
+    _, weights, indices = adapter.route_from_logits(layer, logits)
+    assert (indices >= 3).all(), indices
+    assert torch.isfinite(weights).all()

@@ -332,3 +332,24 @@ def test_output_directory_has_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+
+
+def test_single_file_source_with_added_tensors_loads_every_tensor(tmp_path):
+    """transformers reads model.safetensors before any index: beside patch shards it must be renamed."""
+    import torch
+    from safetensors.torch import save_file
+
+    from moesurgeon.io import CheckpointReader, Patch, write_patched_checkpoint
+
+    src = tmp_path / "single"
+    src.mkdir()
+    save_file({"a": torch.ones(3), "b": torch.zeros(2)}, str(src / "model.safetensors"))
+    out = tmp_path / "out"
+    write_patched_checkpoint(src, out, Patch(add={"c": torch.full((4,), 2.0)}))
+    assert not (out / "model.safetensors").exists()
+    reader = CheckpointReader(out)
+    assert sorted(reader.tensor_names()) == ["a", "b", "c"]
+    assert torch.equal(reader.get("c"), torch.full((4,), 2.0)) and torch.equal(reader.get("a"), torch.ones(3))
+    # without added tensors the single file keeps its name (and is reused as is)
+    write_patched_checkpoint(src, tmp_path / "out2", Patch(replace={"a": torch.full((3,), 5.0)}))
+    assert (tmp_path / "out2" / "model.safetensors").is_file()

@@ -67,7 +67,8 @@ class DeepseekV3Adapter(ArchAdapter):
         r = layer.router
         logits = logits.float()
         scores = logits.sigmoid()
-        choice = scores + r.e_score_correction_bias
+        # a -inf logit (masked expert) must never be chosen, whatever its correction bias says
+        choice = (scores + r.e_score_correction_bias).masked_fill(torch.isneginf(logits), float("-inf"))
         groups = int(r.num_group)
         group_scores = choice.view(-1, groups, layer.num_experts // groups).topk(2, dim=-1).values.sum(-1)
         keep_groups = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(int(r.topk_group), dim=-1).indices, 1.0)

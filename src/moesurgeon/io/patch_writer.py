@@ -190,9 +190,13 @@ def _write_reuse(reader: CheckpointReader, patch: Patch, tmp: Path, link: str, f
                  report: WriteReport) -> tuple[Layout, dict[str, str]]:
     layout: Layout = {}
     weight_map: dict[str, str] = {}
+    # A single-file source keeps its name only when it stays the only weight file: loaders read
+    # `model.safetensors` before any index, so beside patch shards it would hide their tensors.
+    rename_single = reader.index_file is None and bool(patch.add)
     for shard in reader.shards():
         header = reader.shard_header(shard)
-        src, dst = str(reader.shard_path(shard)), str(tmp / shard)
+        out_shard = "model-base.safetensors" if rename_single and shard == "model.safetensors" else shard
+        src, dst = str(reader.shard_path(shard)), str(tmp / out_shard)
         replaced = [n for n in header.entries if n in patch.replace and reader.shard_of(n) == shard]
         dropped = [n for n in header.entries if n in patch.drop and reader.shard_of(n) == shard]
         kept = [e for n, e in header.entries.items() if n not in dropped]
@@ -201,11 +205,11 @@ def _write_reuse(reader: CheckpointReader, patch: Patch, tmp: Path, link: str, f
             continue
         if not replaced and not dropped:
             method = link_or_copy(src, dst, link=link, fsync=fsync)
-            report.shards_reused.append(shard)
+            report.shards_reused.append(out_shard)
             if method == "copy":
                 report.bytes_written_tensors += header.file_size
         else:
-            report.shards_written.append(shard)
+            report.shards_written.append(out_shard)
             if not dropped:  # same dtype/shape guaranteed: overwrite bytes in a copy, header unchanged
                 overwrites = [(header.entries[n].begin, patch.replace[n]) for n in replaced]
                 method, written = clone_with_overwrites(src, dst, overwrites, fsync=fsync)
@@ -215,9 +219,9 @@ def _write_reuse(reader: CheckpointReader, patch: Patch, tmp: Path, link: str, f
                        for e in kept]
                 method, written = "trimmed", write_shard(dst, out, header.metadata, fsync=fsync)
             report.bytes_written_tensors += written
-        report.reuse_method[shard] = method
-        layout[shard] = {e.name: (e.dtype, e.shape) for e in kept}
-        weight_map.update({n: shard for n in reader.names_in_shard(shard) if n not in patch.drop})
+        report.reuse_method[out_shard] = method
+        layout[out_shard] = {e.name: (e.dtype, e.shape) for e in kept}
+        weight_map.update({n: out_shard for n in reader.names_in_shard(shard) if n not in patch.drop})
     return layout, weight_map
 
 
