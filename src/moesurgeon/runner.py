@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -38,12 +39,16 @@ def run_experiment(cfg: DictConfig, out_dir: Path | None = None) -> dict:
         )
     out_dir = Path(out_dir or output_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # under torchrun / accelerate every process runs the experiment; only rank 0 writes the common files
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log.info("experiment %s -> %s", task, out_dir)
     module = importlib.import_module(f"moesurgeon.experiments.{task}")
     t0 = time.time()
     metrics = module.run(cfg, out_dir)
     metrics = {"experiment": task, "wall_s": round(time.time() - t0, 3), **metrics}
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=False) + "\n")
-    log.info("wrote %s", out_dir / "metrics.json")
+    if main_process:
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=False) + "\n")
+        log.info("wrote %s", out_dir / "metrics.json")
     return metrics
