@@ -39,7 +39,7 @@ def check_not_nested(source_dir: Path, out_dir: Path) -> None:
                               "out_dir would delete it: choose another out_dir")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -63,10 +63,10 @@ def atomic_output_dir(out_dir: str | os.PathLike, *, overwrite: bool, fsync: boo
     try:
         yield tmp
         if fsync:
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
         _move_into_place(tmp, out, overwrite)
         if fsync:
-            _fsync_dir(out.parent)
+            fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

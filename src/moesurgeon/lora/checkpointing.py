@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..io.atomic_dir import fsync_dir
 from .train_config import diff_settings, fingerprint
 
 log = logging.getLogger("moesurgeon")
@@ -70,14 +71,6 @@ def _as_python_state(state) -> tuple:
 
 
 # ---------------------------------------------------------------------------- saving
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_torch(obj, path: Path) -> None:
     with open(path, "wb") as f:
         torch.save(obj, f)
@@ -111,11 +104,11 @@ def save_checkpoint(state_dir: Path, step: int, *, lora: dict[str, torch.Tensor]
         meta = {"step": step, "data_position": data_position, "world_size": accelerator.num_processes,
                 "fingerprint": fingerprint(settings), "settings": settings}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # same step written by an earlier, interrupted attempt: replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(state_dir)
+        fsync_dir(state_dir)
         for _, old in step_dirs(state_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

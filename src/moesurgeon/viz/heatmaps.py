@@ -94,6 +94,20 @@ def _heat_grid(sub, panels, layer_names, *, cmap, vmin, vmax, cbar_label, headin
         sub.suptitle(heading, fontsize=10)
 
 
+def check_usage(usage, group_names: Sequence[str], layer_names: Sequence[str]) -> np.ndarray:
+    """``usage`` as a float array [groups, layers, experts], or a ValueError naming the shapes."""
+    usage = np.asarray(usage, dtype=float)
+    if usage.ndim != 3 or 0 in usage.shape:
+        raise ValueError(f"usage must have shape [groups, layers, experts], none empty; got shape {usage.shape}")
+    g, n_layers, _ = usage.shape
+    if len(group_names) != g or len(layer_names) != n_layers:
+        raise ValueError(
+            f"usage has shape {usage.shape} = [groups, layers, experts] but got {len(group_names)} group_names "
+            f"and {len(layer_names)} layer_names; expected {g} and {n_layers}"
+        )
+    return usage
+
+
 def plot_usage(
     usage: np.ndarray,
     group_names: list[str],
@@ -109,15 +123,8 @@ def plot_usage(
     With two or more groups, difference panels (see ``contrast_panels``) follow on a
     diverging colormap centred at 0.
     """
-    usage = np.asarray(usage, dtype=float)
-    if usage.ndim != 3 or 0 in usage.shape:
-        raise ValueError(f"usage must have shape [groups, layers, experts], none empty; got shape {usage.shape}")
+    usage = check_usage(usage, group_names, layer_names)
     g, n_layers, n_experts = usage.shape
-    if len(group_names) != g or len(layer_names) != n_layers:
-        raise ValueError(
-            f"usage has shape {usage.shape} = [groups, layers, experts] but got {len(group_names)} group_names "
-            f"and {len(layer_names)} layer_names; expected {g} and {n_layers}"
-        )
     contrasts = contrast_panels(usage, group_names, diff_of)
     side_by_side = len(contrasts) == 1 and g <= 3
     ncols = min(g, _MAX_COLS)

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .heatmaps import check_usage
+
 __all__ = ["write_usage_html", "embedded_data"]
 
 _DATA_TAG = '<script type="application/json" id="data">'
@@ -52,15 +54,8 @@ def write_usage_html(
 ) -> Path:
     """Write the page. ``usage`` is ``[G, L, E]``; ``coact`` (optional) is ``[L, E, E]``
     co-selection counts whose diagonal holds each expert's selection count."""
-    usage = np.asarray(usage, dtype=float)
-    if usage.ndim != 3 or 0 in usage.shape:
-        raise ValueError(f"usage must have shape [groups, layers, experts], none empty; got shape {usage.shape}")
+    usage = check_usage(usage, group_names, layer_names)
     g, n_layers, n_experts = usage.shape
-    if len(group_names) != g or len(layer_names) != n_layers:
-        raise ValueError(
-            f"usage has shape {usage.shape} = [groups, layers, experts] but got {len(group_names)} group_names "
-            f"and {len(layer_names)} layer_names; expected {g} and {n_layers}"
-        )
     if coact is not None:
         coact = np.asarray(coact, dtype=float)
         if coact.shape != (n_layers, n_experts, n_experts):
