@@ -19,6 +19,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from .errors import CheckpointError
 
@@ -70,24 +72,29 @@ def pwrite_all(fd: int, data, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def copy_file(src: str, dst: str, *, fsync: bool) -> str:
-    """Make dst an independent copy of src. Returns "reflink" or "copy"."""
+@contextmanager
+def open_for_clone(src: str, dst: str, *, fsync: bool) -> Iterator[tuple[int, int, int]]:
+    """Yield (src_fd, new dst_fd, source size); dst must not exist. fsync dst on success, close both."""
     src_fd = os.open(src, os.O_RDONLY)
     try:
         dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            if try_reflink(src_fd, dst_fd):
-                method = "reflink"
-            else:
-                copy_range(src_fd, dst_fd, 0, 0, os.fstat(src_fd).st_size)
-                method = "copy"
+            yield src_fd, dst_fd, os.fstat(src_fd).st_size
             if fsync:
                 os.fsync(dst_fd)
         finally:
             os.close(dst_fd)
     finally:
         os.close(src_fd)
-    return method
+
+
+def copy_file(src: str, dst: str, *, fsync: bool) -> str:
+    """Make dst an independent copy of src. Returns "reflink" or "copy"."""
+    with open_for_clone(src, dst, fsync=fsync) as (src_fd, dst_fd, size):
+        if try_reflink(src_fd, dst_fd):
+            return "reflink"
+        copy_range(src_fd, dst_fd, 0, 0, size)
+        return "copy"
 
 
 def link_or_copy(src: str, dst: str, *, link: str, fsync: bool) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .file_copy import copy_range, pwrite_all, try_reflink
+from .file_copy import copy_range, open_for_clone, pwrite_all, try_reflink
 from .safetensors_format import element_bits, encode_header, tensor_bytes
 
 
@@ -91,30 +91,19 @@ def clone_with_overwrites(
     the overwritten ranges, never writing any byte twice).
     """
     overwrites = sorted(overwrites, key=lambda item: item[0])
-    src_fd = os.open(src, os.O_RDONLY)
-    try:
-        size = os.fstat(src_fd).st_size
-        dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            if try_reflink(src_fd, dst_fd):
-                method, written = "reflink+patch", 0
-                for offset, tensor in overwrites:
-                    data = tensor_bytes(tensor)
-                    pwrite_all(dst_fd, data, offset)
-                    written += len(data)
-            else:
-                method, cursor = "copy+patch", 0
-                for offset, tensor in overwrites:
-                    copy_range(src_fd, dst_fd, cursor, cursor, offset - cursor)
-                    data = tensor_bytes(tensor)
-                    pwrite_all(dst_fd, data, offset)
-                    cursor = offset + len(data)
-                copy_range(src_fd, dst_fd, cursor, cursor, size - cursor)
-                written = size
-            if fsync:
-                os.fsync(dst_fd)
-        finally:
-            os.close(dst_fd)
-    finally:
-        os.close(src_fd)
-    return method, written
+    with open_for_clone(src, dst, fsync=fsync) as (src_fd, dst_fd, size):
+        if try_reflink(src_fd, dst_fd):
+            written = 0
+            for offset, tensor in overwrites:
+                data = tensor_bytes(tensor)
+                pwrite_all(dst_fd, data, offset)
+                written += len(data)
+            return "reflink+patch", written
+        cursor = 0
+        for offset, tensor in overwrites:
+            copy_range(src_fd, dst_fd, cursor, cursor, offset - cursor)
+            data = tensor_bytes(tensor)
+            pwrite_all(dst_fd, data, offset)
+            cursor = offset + len(data)
+        copy_range(src_fd, dst_fd, cursor, cursor, size - cursor)
+        return "copy+patch", size
