@@ -11,10 +11,10 @@ need more than that, because the family's choice is not a function of the logits
   logit order, so a forced expert's logit is lifted to `margin` above the best non-forced one —
   it is then chosen, and its weight is that of a top choice rather than a saturated 1.0;
 - sigmoid families with a choice-only correction bias (deepseek_v3): the choice is
-  sigmoid(logit) + e_score_correction_bias, so -inf logits still leave `bias` as the choice score
-  and a masked expert could be picked. For those the exclusion (and the forcing) is applied to the
-  correction bias of a per-call view of the router, which is exactly where the family applies it;
-  weights still come from the unedited sigmoid scores.
+  sigmoid(logit) + e_score_correction_bias, so lifting a logit cannot out-rank a large bias. For
+  those the forcing is applied to the correction bias of a per-call view of the router, which is
+  exactly where the family applies it; weights still come from the unedited sigmoid scores.
+  (Excluded -inf experts need nothing here: `route_from_logits` never selects them.)
 
 After routing, the result is checked: no excluded expert selected, every forced expert selected.
 A violation means the adapter's routing changed under us, and is raised rather than silently
@@ -75,20 +75,13 @@ def route_edited(
     excluded = torch.isneginf(logits)
     if force is not None and not bool(force.any()):
         force = None
-    if has_choice_bias(layer):
-        base = layer.router.e_score_correction_bias
-        any_excluded = bool(excluded.any())
-        if any_excluded or force is not None:
-            bias = base.float().expand_as(logits).clone()
-            bias = bias.masked_fill(excluded, float("-inf"))
-            if force is not None:
-                bias = bias + force.float() * _FORCE_CHOICE_BONUS
+    if force is not None:
+        if has_choice_bias(layer):
+            bias = layer.router.e_score_correction_bias.float() + force.float() * _FORCE_CHOICE_BONUS
             layer = with_choice_bias(layer, bias)
-        out = adapter.route_from_logits(layer, logits)
-    else:
-        if force is not None:
+        else:
             logits = lift_forced(logits, force, margin)
-        out = adapter.route_from_logits(layer, logits)
+    out = adapter.route_from_logits(layer, logits)
     if check:
         _check_selection(layer, out[2], excluded, force)
     return out
