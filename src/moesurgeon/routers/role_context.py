@@ -33,11 +33,17 @@ def _decoder(model: nn.Module) -> nn.Module:
     return base if isinstance(base, nn.Module) else model
 
 
+# The KV cache reaches the decoder as `past_key_values=` up to transformers 5.23 and as `cache=` from
+# 5.24 on (the old name is still accepted, deprecated); read whichever the caller used.
+_CACHE_KWARGS = ("cache", "past_key_values")
+
+
 def _is_continuation(kwargs: dict) -> bool:
-    past = kwargs.get("past_key_values")
-    if past is None or not hasattr(past, "get_seq_length"):
-        return False
-    return int(past.get_seq_length()) > 0
+    for key in _CACHE_KWARGS:
+        past = kwargs.get(key)
+        if past is not None and hasattr(past, "get_seq_length"):
+            return int(past.get_seq_length()) > 0
+    return False
 
 
 class RoleContext:
