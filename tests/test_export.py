@@ -56,10 +56,17 @@ def test_config_only_patch_writes_no_tensor(tiny_checkpoint, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(src).eval()
     adapter = get_adapter(model)
     adapter.set_top_k(model, 1)
-    report = export_patched_model(model, adapter, src, tmp_path / "k1", ExportOptions(verify_reload=True),
+    # with the hard-link opt-in a config-only patch writes no tensor byte at all
+    report = export_patched_model(model, adapter, src, tmp_path / "k1", ExportOptions(verify_reload=True, link="hardlink"),
                                   config_edits={"num_experts_per_tok": 1}, probe_input_ids=torch.randint(3, 90, (1, 5)))
     assert report["export/tensors_replaced"] == 0 and report["export/bytes_written_tensors"] == 0
     assert report["export/shards_written"] == 0
+    # the default on a writable source: the reused shards are independent files, not the source's inodes
+    report = export_patched_model(model, adapter, src, tmp_path / "k1b", ExportOptions(verify_reload=True),
+                                  config_edits={"num_experts_per_tok": 1}, probe_input_ids=torch.randint(3, 90, (1, 5)))
+    assert report["export/tensors_replaced"] == 0 and report["export/shards_written"] == 0
+    for shard in src.glob("*.safetensors"):
+        assert (tmp_path / "k1b" / shard.name).stat().st_ino != shard.stat().st_ino
 
 
 def test_export_refuses_existing_or_nested_output_and_leaves_nothing(tiny_checkpoint, tmp_path):

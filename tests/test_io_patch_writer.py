@@ -12,6 +12,7 @@ import torch
 from test_io_reader import all_tensors, make_checkpoint, tiny_moe_tensors
 
 from moesurgeon.io import CheckpointError, CheckpointReader, Patch, write_patched_checkpoint
+from moesurgeon.io import file_copy as file_copy_module
 from moesurgeon.io import patch_writer as writer_module
 from moesurgeon.io import shard_writer as shard_writer_module
 
@@ -49,7 +50,8 @@ def leftovers(parent: Path) -> list[str]:
 def test_reuse_replaces_in_affected_shard_and_links_the_rest(source, tmp_path):
     out = tmp_path / "out"
     patch = Patch(replace={R0: new_router()}, config_edits={"num_experts_per_tok": 1})
-    report = write_patched_checkpoint(source, out, patch)
+    # explicit opt-in: the default ("auto") hard-links only read-only sources (tests/test_io_files_hostile.py)
+    report = write_patched_checkpoint(source, out, patch, link="hardlink")
     assert report.shards_reused == [S2, S3] and report.shards_written == [S1]
     assert report.reuse_method == {S1: "copy+patch", S2: "hardlink", S3: "hardlink"}  # ext4: no reflink
     assert os.stat(out / S2).st_ino == os.stat(source / S2).st_ino
@@ -77,6 +79,7 @@ def test_reflink_branch_writes_only_changed_bytes(source, tmp_path, monkeypatch)
         return True
 
     monkeypatch.setattr(shard_writer_module, "try_reflink", fake_reflink)
+    monkeypatch.setattr(file_copy_module, "try_reflink", fake_reflink)  # untouched shards are reflinked too
     patch = Patch(replace={R0: new_router(), R1: new_router(2)})
     report = write_patched_checkpoint(source, tmp_path / "out", patch)
     assert report.reuse_method[S1] == report.reuse_method[S2] == "reflink+patch"

@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .data import DataSpec
-from .models import ModelSpec
+from .models import ModelLoadError, ModelSpec
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -39,10 +39,14 @@ def register_resolvers() -> None:
 
 def model_spec(cfg: DictConfig) -> ModelSpec:
     m = cfg.model
+    if OmegaConf.is_missing(m, "path") or m.get("path") in (None, ""):
+        raise ModelLoadError("model.path is not set: model=local needs model.path=DIR (a Hugging Face checkpoint "
+                             "directory) or model.path=ORG/NAME (a hub id); drop model=local to use the embedded model")
     return ModelSpec(
-        path=str(m.path), dtype=str(m.dtype), device=str(m.device), device_map=m.get("device_map"),
+        path=str(m.path), dtype=str(m.dtype), device=str(m.get("device", "auto")), device_map=m.get("device_map"),
         trust_remote_code=bool(m.trust_remote_code), attn_implementation=m.get("attn_implementation"),
-        experts_implementation=m.get("experts_implementation"),
+        experts_implementation=m.get("experts_implementation"), tokenizer=m.get("tokenizer"),
+        allow_pickle=bool(m.get("allow_pickle", False)),
     )
 
 
@@ -65,5 +69,6 @@ def export_options(cfg: DictConfig):
     e = cfg.export
     return ExportOptions(
         mode=str(e.mode), max_shard_size=str(e.max_shard_size), link=str(e.link), overwrite=bool(e.overwrite),
-        verify_reload=e.verify_reload, verify_max_bytes=str(e.verify_max_bytes), allow_pickle=bool(e.allow_pickle),
+        verify_reload=e.verify_reload, verify_max_bytes=str(e.verify_max_bytes),
+        allow_pickle=bool(cfg.model.get("allow_pickle", False)),
     )

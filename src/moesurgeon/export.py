@@ -67,6 +67,39 @@ def router_replacements(model, adapter: ArchAdapter, reader: CheckpointReader) -
     return out
 
 
+# the io layer's generic option names, as the command line spells them
+_OPTION_NAMES = {"overwrite": "export.overwrite=true", "out_dir": "export.dir", "link": "export.link"}
+
+
+def check_export_location(source_dir: Path, out_dir: Path, run_dir: Path | None, opts: ExportOptions, *,
+                          rewrites_shards: bool = True) -> None:
+    """Refuse, before any evaluation or training, an export that would fail or destroy something at the end:
+    an existing target without export.overwrite=true, a target inside the source (or around it), the run
+    directory itself (or a directory holding it), an unwritable location, too little free disk.
+
+    `rewrites_shards`: the surgery changes tensors (routers sit in nearly every shard of a real model, so
+    the bound is every shard, unless the filesystem can reflink); False for config-only edits (top-k).
+    """
+    from .io.output_checks import check_output_location, estimate_reuse_bytes
+
+    out = out_dir.absolute()
+    if run_dir is not None:
+        run = run_dir.absolute()
+        if out == run or out in run.parents:
+            raise CheckpointError(f"export.dir={str(out_dir)!r} is (or contains) the run directory {run}, whose "
+                                  "metrics and logs the export would replace: leave export.dir=null "
+                                  "(<run dir>/checkpoint) or choose a directory outside the run directory")
+    with CheckpointReader(source_dir, allow_pickle=opts.allow_pickle) as reader:
+        shards = [reader.shard_real_path(s) for s in reader.shards()]
+        full = opts.mode == "full" or reader.format == "pickle"
+    if full:
+        needed = sum(p.stat().st_size for p in shards)
+    else:
+        needed = estimate_reuse_bytes(shards, out.parent, "copy" if rewrites_shards else opts.link)
+    check_output_location(out, source_dir=source_dir, overwrite=opts.overwrite, needed_bytes=needed,
+                          option_names=_OPTION_NAMES)
+
+
 def _checkpoint_bytes(reader: CheckpointReader) -> int:
     return sum(reader.shard_path(s).stat().st_size for s in reader.shards())
 

@@ -6,123 +6,93 @@ a pickle-only checkpoint, a dense model or an unknown family stops in seconds wi
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .arch import ArchAdapter, UnsupportedModelError, get_adapter
+from .arch import ArchAdapter, get_adapter
+from .model_source import (  # noqa: F401  (re-exported: callers import these from moesurgeon.models)
+    ModelLoadError, check_local_checkpoint, check_token_ids, resolve_device, resolve_source, tokenizer_source,
+)
 
 log = logging.getLogger(__name__)
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(ValueError):
-    """The model spec does not point at a loadable, supported MoE checkpoint."""
 
 
 @dataclass
 class ModelSpec:
-    path: str
+    path: str  # local directory or hub id (resolved to its local cache snapshot)
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (as stored)
-    device: str = "cpu"  # cpu | cuda | cuda:N; ignored when device_map is set
+    device: str = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N; ignored with device_map
     device_map: str | None = None  # e.g. "auto" to spread a large model over GPUs
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     experts_implementation: str | None = None  # grouped_mm (default) | batched_mm | eager
+    tokenizer: str | None = None  # directory or hub id of the tokenizer, when the model dir has none
+    allow_pickle: bool = False  # accept pytorch_model*.bin (loaded with weights_only=True)
 
 
 def is_local(path: str) -> bool:
     return Path(path).expanduser().exists()
 
 
-def check_local_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:
-    """Validate a local model directory and return its config.json as a dict."""
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        hint = ""
-        if "moesurgeon/assets" in str(p).replace("\\", "/"):
-            hint = "; the embedded model is rebuilt by `python -m moesurgeon experiment=build_reference reference.install=true`"
-        raise ModelLoadError(
-            f"model.path={str(path)!r} is not a directory: expected a Hugging Face model directory with "
-            f"config.json and *.safetensors{hint}"
-        )
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        raise ModelLoadError(f"model.path={str(p)!r} has no config.json: expected a Hugging Face model directory (save_pretrained output)")
-    config = json.loads(cfg_file.read_text())
-    has_st = any(p.glob("*.safetensors"))
-    if not has_st:
-        pickles = sorted(x.name for x in p.glob("*.bin"))
-        if pickles and not allow_pickle:
-            raise ModelLoadError(
-                f"model.path={str(p)!r} holds only pickle weights ({', '.join(pickles[:3])}); moesurgeon reads and "
-                "writes safetensors. Convert it once (load with transformers and save_pretrained), or pass "
-                "allow_pickle=true to accept pickle files you trust."
-            )
-        if not pickles:
-            raise ModelLoadError(f"model.path={str(p)!r} has no *.safetensors weights: expected model.safetensors or shards with model.safetensors.index.json")
-    try:
-        adapter = get_adapter(config)
-    except UnsupportedModelError as e:
-        raise ModelLoadError(f"model.path={str(p)!r}: {e}") from None
-    adapter.num_experts_from_config(config)  # a config without expert counts is dense
-    return config
+def local_dir(spec: ModelSpec) -> Path:
+    """The checkpoint directory `spec.path` stands for (a hub id: its cache snapshot, downloaded if needed)."""
+    return resolve_source(spec.path)
 
 
 def load_config_dict(spec: ModelSpec) -> dict:
-    if is_local(spec.path):
-        return check_local_checkpoint(spec.path)
-    if not _HUB_ID.match(spec.path):
-        raise ModelLoadError(
-            f"model.path={spec.path!r} does not exist locally and is not a hub id like 'org/name': "
-            "pass the directory of a Hugging Face checkpoint"
-        )
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code).to_dict()
-    except OSError as e:
-        raise ModelLoadError(
-            f"model.path={spec.path!r}: could not fetch it from the hub ({e.__class__.__name__}). Offline? "
-            "Download it once and pass the local directory instead."
-        ) from None
-    try:
-        get_adapter(config)
-    except UnsupportedModelError as e:
-        raise ModelLoadError(f"model.path={spec.path!r}: {e}") from None
+    """config.json of the checked checkpoint; every file-level check runs here, before any weight is read."""
+    model_dir = local_dir(spec)
+    config = check_local_checkpoint(model_dir, allow_pickle=spec.allow_pickle)
+    tokenizer_source(model_dir, spec.tokenizer)
+    if spec.dtype != "auto" and spec.dtype not in _DTYPES:
+        raise ModelLoadError(f"model.dtype={spec.dtype!r}: expected one of {sorted(_DTYPES) + ['auto']}")
+    if not spec.device_map:
+        resolve_device(spec.device)
     return config
 
 
-def load_model(spec: ModelSpec):
-    """Return (model in eval mode, tokenizer, adapter)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(spec: ModelSpec):
+    """The tokenizer of `model.tokenizer`, else the model directory's own (cheap: no weights are read)."""
+    from transformers import AutoTokenizer
+
+    tok_dir = tokenizer_source(local_dir(spec), spec.tokenizer)
+    try:
+        return AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"the tokenizer in {tok_dir} cannot be loaded ({str(e)[:300]}); pass "
+                             "model.tokenizer=DIR_OR_HUB_ID with a working tokenizer for this model") from None
+
+
+def load_model(spec: ModelSpec, tokenizer=None):
+    """Return (model in eval mode, tokenizer, adapter); `tokenizer` is loaded from the spec when not given."""
+    from transformers import AutoModelForCausalLM
 
     load_config_dict(spec)
-    if spec.dtype != "auto" and spec.dtype not in _DTYPES:
-        raise ModelLoadError(f"model.dtype={spec.dtype!r}: expected one of {sorted(_DTYPES) + ['auto']}")
+    model_dir = local_dir(spec)
+    device = spec.device_map or resolve_device(spec.device)
     kwargs = dict(
         dtype=_DTYPES.get(spec.dtype, "auto"),
         trust_remote_code=spec.trust_remote_code,
-        use_safetensors=True,
+        # pickle weights only where the user opted in and there is nothing else
+        use_safetensors=not (spec.allow_pickle and not any(model_dir.glob("*.safetensors"))),
     )
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     if spec.device_map:
         kwargs["device_map"] = spec.device_map
-    log.info("loading model %s (dtype=%s, device=%s)", spec.path, spec.dtype, spec.device_map or spec.device)
-    model = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
+    log.info("loading model %s (dtype=%s, device=%s)", model_dir, spec.dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if not spec.device_map:
-        model.to(spec.device)
+        model.to(device)
     if spec.experts_implementation:
         model.set_experts_implementation(spec.experts_implementation)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     adapter: ArchAdapter = get_adapter(model)
     layers = adapter.moe_layers(model)
     log.info(

@@ -24,6 +24,10 @@ class UnsupportedModelError(ValueError):
     """The model is not a Mixture-of-Experts family this adapter set supports."""
 
 
+class InvalidConfigError(ValueError):
+    """config.json of a supported family holds values no runtime can build a model from."""
+
+
 @dataclass(frozen=True)
 class MoELayer:
     """One sparse MoE block of a loaded model."""
@@ -220,11 +224,46 @@ class ArchAdapter:
     def num_experts_from_config(self, config: dict) -> int:
         for key in self.num_experts_keys:
             if config.get(key) is not None:
-                return int(config[key])
+                try:
+                    return int(config[key])
+                except (TypeError, ValueError):
+                    raise InvalidConfigError(f"config.json: {key}={config[key]!r}; expected a positive integer "
+                                             "number of experts") from None
         raise UnsupportedModelError(
             f"config.json of model_type {self.model_type!r} has none of {self.num_experts_keys}: "
             "cannot tell the number of experts"
         )
+
+    def check_config(self, config: dict) -> list[str]:
+        """Validate the expert count and top-k of a config.json dict; return notes for the log.
+
+        Raises InvalidConfigError for values transformers would accept and then fail on much later
+        (top-k of 0 divides by zero in renormalisation, top-k above the expert count fails in topk).
+        A missing top-k is legal: the config class's default applies, and the note says which.
+        """
+        experts = self.num_experts_from_config(config)
+        key = next(k for k in self.num_experts_keys if config.get(k) is not None)
+        if isinstance(config[key], bool) or not isinstance(config[key], int) or experts <= 0:
+            raise InvalidConfigError(f"config.json: {key}={config[key]!r}; expected a positive integer number of "
+                                     "experts. Fix config.json (the source checkpoint's value is authoritative)")
+        notes = []
+        k = config.get(self.top_k_key)
+        if k is None:
+            default = self.default_top_k()
+            notes.append(f"config.json has no {self.top_k_key}: transformers uses the {self.model_type} default "
+                         f"of {default} experts per token")
+            k = default
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= experts:
+            raise InvalidConfigError(f"config.json: {self.top_k_key}={k!r}; expected an integer from 1 to the "
+                                     f"expert count {experts} ({key}). Fix config.json, or choose top-k at run "
+                                     "time with experiment=topk_override top_k=N")
+        return notes
+
+    def default_top_k(self) -> int | None:
+        """The experts-per-token transformers' config class uses when config.json omits it."""
+        from transformers import CONFIG_MAPPING
+
+        return getattr(CONFIG_MAPPING[self.model_type](), self.top_k_key, None)
 
     def top_k_config_edit(self, k: int) -> dict:
         return {self.top_k_key: int(k)}

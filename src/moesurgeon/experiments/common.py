@@ -1,37 +1,112 @@
-"""Steps every experiment shares: seeding, threads, loading the model and the data blocks."""
+"""Steps every experiment shares: seeding, threads, and loading in the order that fails fastest.
+
+`load_model_and_data` checks everything that needs no weights before the first weight is read:
+model directory, config.json and tokenizer (seconds) -> data files, tokenized with the model's
+tokenizer and checked against its vocabulary and positions (seconds) -> the export target (exists,
+nested, writable, free disk) -> only then the model itself (minutes for a large one). A typo in
+any setting therefore costs seconds, never a model load or a training run.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from ..config import data_spec, model_spec
+from ..config import data_spec, export_options, model_spec
 from ..data import TokenBlocks, load_blocks
-from ..models import load_model, max_positions
+from ..errors import ConfigError
+from ..models import check_token_ids, load_config_dict, load_model, load_tokenizer, local_dir, resolve_device
 
 log = logging.getLogger("moesurgeon")
+
+# Below this hidden size a CPU forward is a stream of small matmuls: thread start-up and sync cost more
+# than they save, and a second thread only competes with whatever else shares the cores. Measured in
+# experiments/router_usage/README.md ("Threads").
+SMALL_HIDDEN = 1024
 
 
 def setup(cfg: DictConfig) -> None:
     seed = int(cfg.get("seed", 0))
     random.seed(seed)
     torch.manual_seed(seed)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
 
 
-def load_model_and_data(cfg: DictConfig, splits=("heldout",), only_labels=None):
-    """Return (model, tokenizer, adapter, {split: TokenBlocks})."""
-    model, tokenizer, adapter = load_model(model_spec(cfg))
+def resolve_threads(value, device: str, hidden_size: int | None) -> int | None:
+    """`threads`: an integer, or auto/null -> 1 for a small model on CPU, all usable cores for a large one;
+    None (torch's default) when the model runs on an accelerator."""
+    if value not in (None, "auto"):
+        if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
+            raise ConfigError(f"threads={value!r}: expected a positive integer or auto")
+        return int(value)
+    if not device.startswith("cpu"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if (hidden_size or 0) < SMALL_HIDDEN else cores
+
+
+def apply_threads(cfg: DictConfig, config: dict) -> None:
+    spec = model_spec(cfg)
+    device = "cuda" if spec.device_map else resolve_device(spec.device)
+    n = resolve_threads(cfg.get("threads"), device, config.get("hidden_size"))
+    if n is not None:
+        torch.set_num_threads(n)
+        log.info("torch threads: %d (threads=%s, device %s)", n, cfg.get("threads"), device)
+
+
+def source_dir(cfg: DictConfig) -> Path:
+    """The local checkpoint directory of `model.path` (a hub id: its cache snapshot)."""
+    return local_dir(model_spec(cfg))
+
+
+def export_dir(cfg: DictConfig, out_dir: Path) -> Path:
+    return Path(str(cfg.export.dir)) if cfg.export.get("dir") else Path(out_dir) / "checkpoint"
+
+
+def check_export_target(cfg: DictConfig, out_dir: Path, *, overwrite_default_dir: bool = False,
+                        config_only: bool = False) -> None:
+    """Everything about the export target that can be known before the long work (see export.py)."""
+    from ..export import check_export_location
+
+    opts = export_options(cfg)
+    target = export_dir(cfg, out_dir)
+    if overwrite_default_dir and not cfg.export.get("dir"):
+        opts.overwrite = True
+    check_export_location(source_dir(cfg), target, Path(out_dir), opts, rewrites_shards=not config_only)
+
+
+def load_tokenized(cfg: DictConfig, tokenizer, config: dict, splits=("heldout",), only_labels=None):
+    """{split: TokenBlocks}, each checked against the model's vocabulary and positions from config.json."""
     blocks: dict[str, TokenBlocks] = {}
     for split in splits:
         spec = data_spec(cfg, split, only_labels=only_labels if split == "train" else None)
-        blocks[split] = load_blocks(spec, tokenizer, max_positions(model))
+        blocks[split] = load_blocks(spec, tokenizer, config.get("max_position_embeddings"))
+        if config.get("vocab_size"):
+            check_token_ids(blocks[split].input_ids, int(config["vocab_size"]), Path(tokenizer.name_or_path),
+                            where=f"data.{split} ({spec.path})")
         log.info("data %s: %d blocks, %d tokens, labels %s", split, len(blocks[split]),
                  blocks[split].num_tokens(), blocks[split].label_names or "-")
+    return blocks
+
+
+def load_model_and_data(cfg: DictConfig, splits=("heldout",), only_labels=None, *, exports: str | None = None,
+                        out_dir: Path | None = None):
+    """Return (model, tokenizer, adapter, {split: TokenBlocks}), every cheap check first (module docstring).
+
+    exports: None (no export), "tensors" (the surgery rewrites tensors) or "config" (config.json only):
+    the export target is then checked before the model is loaded."""
+    spec = model_spec(cfg)
+    config = load_config_dict(spec)
+    tokenizer = load_tokenizer(spec)
+    blocks = load_tokenized(cfg, tokenizer, config, splits, only_labels)
+    if exports:
+        check_export_target(cfg, out_dir, config_only=exports == "config")
+    apply_threads(cfg, config)
+    model, tokenizer, adapter = load_model(spec, tokenizer)
     return model, tokenizer, adapter, blocks
 
 

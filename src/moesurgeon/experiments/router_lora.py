@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..arch import get_adapter
 from ..config import data_spec, model_spec
-from ..data import DataError, TokenBlocks, load_blocks, load_examples, tokenize_blocks, validate_block_size
+from ..data import DataError, TokenBlocks, load_examples, tokenize_blocks
 from ..evaluate import evaluate_perplexity, relative_change
 from ..io.atomic_dir import atomic_output_dir
 from ..lora import (
@@ -32,10 +32,10 @@ from ..lora.checkpointing import check_compatible
 from ..lora.guard import announce, check_bound, regression_guard
 from ..lora.router_peft import check_rank, router_layers
 from ..lora.train_config import fingerprint
-from ..models import is_local, load_config_dict, load_model, max_positions
+from ..models import check_token_ids, is_local, load_config_dict, load_model, load_tokenizer, resolve_device
 from ..probe import profile_usage, shift_metrics, usage_shift
 from ..viz import plot_layer_bars, plot_usage
-from .common import layer_short_names, setup
+from .common import apply_threads, check_export_target, layer_short_names, load_tokenized, setup, source_dir
 from .router_usage import write_usage_report
 
 log = logging.getLogger("moesurgeon")
@@ -139,7 +139,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     if domain is not None and cfg.data.get("label_field") is None:
         raise DataError(f"lora.domain={domain!r} needs labelled data, but data.label_field is null; set "
                         "data.label_field (e.g. data.label_field=domain) or lora.domain=null to train on everything")
-    accelerator = make_accelerator(str(cfg.model.device))
+    accelerator = make_accelerator(resolve_device(str(cfg.model.device)))
     out_dir = Path(_broadcast(str(out_dir), accelerator))  # one run dir, whatever time each process started
     settings = training_settings(cfg, tcfg, spec, accelerator.num_processes)
     resume_dir = find_resume_dir(cfg.get("resume", False), out_dir)
@@ -151,23 +151,29 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     if config.get("hidden_size"):
         check_rank(spec.rank, pre_adapter.num_experts_from_config(config), int(config["hidden_size"]),
                    where=f"the routers of {cfg.model.path}")
+    tokenizer = load_tokenizer(model_spec(cfg))
+    heldout = load_tokenized(cfg, tokenizer, config, splits=("heldout",))["heldout"]
+    if domain is not None and domain not in heldout.label_names:
+        raise DataError(f"lora.domain={domain!r} has no held-out data in data.heldout (domains there: "
+                        f"{heldout.label_names}): its perplexity could not be measured; add it or pick another")
+    block_size = int(cfg.data.block_size)
+    train_blocks = tokenize_blocks(train_examples, tokenizer, block_size, label_names=train_labels or None)
+    if config.get("vocab_size"):
+        check_token_ids(train_blocks.input_ids, int(config["vocab_size"]), Path(tokenizer.name_or_path),
+                        where="data.train")
+    log.info("training on %s: %d blocks, %d tokens", domain or "all domains", len(train_blocks),
+             train_blocks.num_tokens())
+    if bool(opts.get("export", True)) and accelerator.is_main_process:
+        check_export_target(cfg, out_dir, overwrite_default_dir=True)  # <run dir>/checkpoint: see below
 
     # ---- load
-    model, tokenizer, adapter = load_model(model_spec(cfg))
+    apply_threads(cfg, config)
+    model, tokenizer, adapter = load_model(model_spec(cfg), tokenizer)
     if accelerator.num_processes > 1:
         model.to(accelerator.device)
     layers = router_layers(model, adapter)
     layer_names = [layer.router_name for layer in layers]
     top_k, scoring = adapter.get_top_k(layers[0]), adapter.scoring
-    heldout = load_blocks(data_spec(cfg, "heldout"), tokenizer, max_positions(model))
-    if domain is not None and domain not in heldout.label_names:
-        raise DataError(f"lora.domain={domain!r} has no held-out data in data.heldout (domains there: "
-                        f"{heldout.label_names}): its perplexity could not be measured; add it or pick another")
-    block_size = int(cfg.data.block_size)
-    validate_block_size(block_size, max_positions(model))
-    train_blocks = tokenize_blocks(train_examples, tokenizer, block_size, label_names=train_labels or None)
-    log.info("training on %s: %d blocks, %d tokens", domain or "all domains", len(train_blocks),
-             train_blocks.num_tokens())
 
     main = accelerator.is_main_process
     metrics: dict = {}
@@ -193,7 +199,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     if main:
         metrics.update({**report, **result.metrics(), "train/num_processes": accelerator.num_processes,
                         "train/ranks_agree": agree, "lora/rank": spec.rank, "lora/domain": domain or "all"})
-        source = str(cfg.model.path)
+        source = str(cfg.model.path)  # what the user named (a hub id stays a hub id in adapter_config.json)
         save_adapter(peft_model, out_dir / "adapter", source)
         merged = merge_routers(peft_model)
         if bool(opts.get("export", True)):
@@ -208,7 +214,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             else:  # <run dir>/checkpoint belongs to this run: a resumed run may replace it
                 export_dir, export_opts.overwrite = out_dir / "checkpoint", True
             metrics.update(export_patched_model(
-                merged, adapter, Path(source), export_dir, export_opts,
+                merged, adapter, source_dir(cfg), export_dir, export_opts,
                 probe_input_ids=heldout.input_ids[:2],
             ))
             if metrics.get("export/tensors_replaced") == 0:

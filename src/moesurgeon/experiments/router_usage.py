@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from ..probe import UsageStats, layer_metrics, profile_usage, shift_metrics
 from ..probe.stats import js_divergence_bits
 from ..viz import plot_coactivation, plot_layer_bars, plot_usage, write_usage_html
+from ..errors import ConfigError
 from .common import layer_short_names, load_model_and_data, setup
 
 log = logging.getLogger("moesurgeon")
@@ -33,10 +34,10 @@ def pick_layer(stats: UsageStats, choice) -> int:
     if isinstance(choice, int) or str(choice).isdigit():
         pos = int(choice)
         if not 0 <= pos < len(stats.layer_names):
-            raise ValueError(f"usage.coact_layer={choice}: expected an MoE-layer position in [0, {len(stats.layer_names) - 1}] or a router name")
+            raise ConfigError(f"usage.coact_layer={choice}: expected an MoE-layer position in [0, {len(stats.layer_names) - 1}] or a router name")
         return pos
     if choice not in stats.layer_names:
-        raise ValueError(f"usage.coact_layer={choice!r} is not a router name; routers: {stats.layer_names}")
+        raise ConfigError(f"usage.coact_layer={choice!r} is not a router name; routers: {stats.layer_names}")
     return stats.layer_names.index(choice)
 
 

@@ -18,9 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from ..arch import get_adapter
 from ..config import export_options, model_spec
 from ..evaluate import evaluate_perplexity, relative_change
+from ..errors import ConfigError
 from ..export import export_patched_model
 from ..models import load_config_dict
-from .common import load_model_and_data, setup
+from .common import export_dir, load_model_and_data, setup, source_dir
 
 log = logging.getLogger("moesurgeon")
 
@@ -32,7 +33,7 @@ def parse_top_k(value) -> int | dict[int, int]:
     if isinstance(value, dict):
         return {int(k): int(v) for k, v in value.items()}
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"top_k={value!r}: expected an integer k >= 1, or a mapping {{layer_index: k}}")
+        raise ConfigError(f"top_k={value!r}: expected an integer k >= 1, or a mapping {{layer_index: k}}")
     return value
 
 
@@ -41,7 +42,7 @@ def validate_top_k(top_k, config: dict, adapter) -> None:
     values = top_k.values() if isinstance(top_k, dict) else [top_k]
     for k in values:
         if not 1 <= k <= experts:
-            raise ValueError(f"top_k={k}: expected 1 <= k <= {experts} (the model has {experts} experts per layer)")
+            raise ConfigError(f"top_k={k}: expected 1 <= k <= {experts} (the model has {experts} experts per layer)")
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -52,13 +53,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     validate_top_k(top_k, config, adapter)
     do_export = bool(cfg.topk.export)
     if do_export and isinstance(top_k, dict):
-        raise ValueError(
+        raise ConfigError(
             f"top_k={top_k}: a per-layer top-k cannot be exported — config.json has one "
             f"`{adapter.top_k_key}` for all layers, so standard runtimes would ignore it. "
             "Run with topk.export=false to measure it in memory, or pass one integer top_k."
         )
 
-    model, _, adapter, blocks = load_model_and_data(cfg, splits=("heldout",))
+    model, _, adapter, blocks = load_model_and_data(cfg, splits=("heldout",), exports="config" if do_export else None,
+                                                    out_dir=out_dir)
     heldout, bs, progress = blocks["heldout"], int(cfg.data.batch_size), bool(cfg.progress)
     original_k = config.get(adapter.top_k_key)
     base = evaluate_perplexity(model, heldout, bs, progress, desc=f"baseline k={original_k}")
@@ -77,13 +79,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     if do_export:
         probe_ids = heldout.input_ids[:2]
         report = export_patched_model(
-            model, adapter, Path(str(cfg.model.path)), _export_dir(cfg, out_dir), export_options(cfg),
+            model, adapter, source_dir(cfg), export_dir(cfg, out_dir), export_options(cfg),
             config_edits=adapter.top_k_config_edit(top_k), probe_input_ids=probe_ids,
         )
         metrics.update(report)
     adapter.set_top_k(model, previous)
     return metrics
-
-
-def _export_dir(cfg: DictConfig, out_dir: Path) -> Path:
-    return Path(str(cfg.export.dir)) if cfg.export.get("dir") else out_dir / "checkpoint"

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from ..evaluate import evaluate_perplexity
 from ..viz import plot_lines
+from ..errors import ConfigError
 from .common import load_model_and_data, setup
 
 log = logging.getLogger("moesurgeon")
@@ -28,7 +29,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     limit = min(adapter.max_top_k(layer) for layer in layers)
     max_k = int(opts.max_k) if opts.get("max_k") else limit
     if not 1 <= max_k <= limit:
-        raise ValueError(f"sweep.max_k={max_k}: expected 1 <= max_k <= {limit} for this model")
+        raise ConfigError(f"sweep.max_k={max_k}: expected 1 <= max_k <= {limit} for this model")
     original = adapter.get_top_k(layers[0])
     heldout, bs = blocks["heldout"], int(cfg.data.batch_size)
 

@@ -8,6 +8,12 @@ file, instead of deep inside a loader. Tensor data is read only on `get()`,
 through `safe_open`, with at most ONE shard handle open at a time: peak memory
 is one tensor, whatever the model size.
 
+A checkpoint is untrusted input: shard names in an index must be plain file
+names, a shard that is a symbolic link must resolve inside the checkpoint or to
+a hub cache blob (the `paths` rule), and no tensor may live in two shards. Every
+shard is then read through its resolved real path, so a link swapped after the
+check cannot redirect reads, and writers reuse the real file, never the link.
+
 Pickle checkpoints (`pytorch_model*.bin`) can execute code when loaded and
 cannot be read lazily by byte range; they are refused unless
 `allow_pickle=True`, and then loaded with `torch.load(weights_only=True,
@@ -27,7 +33,8 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError
-from .safetensors_format import ShardHeader, dtype_name, read_header
+from .paths import is_plain_name, resolve_member
+from .safetensors_format import DuplicateJSONKey, ShardHeader, dtype_name, read_header, reject_duplicate_keys
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -57,6 +64,7 @@ class CheckpointReader:
         self._pickle_files: list[str] = []
         self.index_metadata: dict = {}
         self.index_file: str | None = None
+        self._real_paths: dict[str, Path] = {}  # shard name -> resolved, checked file
         weight_map = self._locate_weights(allow_pickle)
         self._weight_map = weight_map
         self._shards = sorted(set(weight_map.values())) or self._pickle_files
@@ -70,17 +78,17 @@ class CheckpointReader:
     # -- discovery -------------------------------------------------------------------------
     def _locate_weights(self, allow_pickle: bool) -> dict[str, str]:
         d = self.model_dir
-        if (d / SAFETENSORS_INDEX).is_file():
+        if _present(d / SAFETENSORS_INDEX):
             self.format, self.index_file = "safetensors", SAFETENSORS_INDEX
-            return self._read_index(d / SAFETENSORS_INDEX)
-        if (d / SAFETENSORS_SINGLE).is_file():
+            return self._read_index(SAFETENSORS_INDEX)
+        if _present(d / SAFETENSORS_SINGLE):
             self.format = "safetensors"
-            names = read_header(d / SAFETENSORS_SINGLE).entries
+            names = self._read_shard_header(SAFETENSORS_SINGLE).entries
             return {name: SAFETENSORS_SINGLE for name in names}
         loose = sorted(p.name for p in d.glob("*.safetensors"))
         if len(loose) == 1:  # e.g. a tool that named its only file differently
             self.format = "safetensors"
-            return {name: loose[0] for name in read_header(d / loose[0]).entries}
+            return {name: loose[0] for name in self._read_shard_header(loose[0]).entries}
         if loose:
             raise CheckpointError(
                 f"{d}: {len(loose)} .safetensors files but no {SAFETENSORS_INDEX}; "
@@ -96,36 +104,87 @@ class CheckpointReader:
                 "loaded and cannot be read lazily; pass allow_pickle=True to load them with "
                 "torch.load(weights_only=True, mmap=True), or convert the checkpoint to safetensors first.")
         self.format = "pickle"
-        if (d / PICKLE_INDEX).is_file():
+        if _present(d / PICKLE_INDEX):
             self.index_file = PICKLE_INDEX
-            return self._read_index(d / PICKLE_INDEX)
+            return self._read_index(PICKLE_INDEX)
         self._pickle_files = pickle_files  # no index: every pickle file is a shard; names come from loading
         return {}
 
-    def _read_index(self, path: Path) -> dict[str, str]:
+    def _read_index(self, index_file: str) -> dict[str, str]:
+        path = self._member(index_file, "index file")
         try:
-            index = json.loads(path.read_text(encoding="utf-8"))
+            index = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=reject_duplicate_keys)
             weight_map = index["weight_map"]
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise TypeError("weight_map must map tensor names to shard file names")
+        except DuplicateJSONKey as exc:
+            raise CheckpointError(
+                f"{self.model_dir / index_file}: {exc}; a tensor mapped twice has no single shard. Restore the "
+                "index from the original checkpoint (or regenerate it from the shard headers)") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: unreadable shard index ({exc!r}); expected JSON with a "
                                   "'weight_map' object; restore the file from the original checkpoint") from None
-        self.index_metadata = dict(index.get("metadata") or {})
+        for name, shard in weight_map.items():
+            # a path here would make us read (and an export link or copy) a file outside the checkpoint
+            if not is_plain_name(shard):
+                raise CheckpointError(
+                    f"{self.model_dir / index_file} maps tensor {name!r} to shard {shard!r}, which is not a plain "
+                    "file name inside the checkpoint directory; expected a name like "
+                    "model-00001-of-00002.safetensors (no '/', '..' or absolute path). Refusing to read outside "
+                    "the checkpoint: restore the index from the original checkpoint, or fix that entry by hand")
+        metadata = index.get("metadata")
+        self.index_metadata = dict(metadata) if isinstance(metadata, dict) else {}
         return dict(weight_map)
+
+    def _member(self, name: str, what: str) -> Path:
+        """The checked real path of file `name` of the checkpoint (a link must stay inside it or be a hub blob)."""
+        path = self.model_dir / name
+        real = resolve_member(self.model_dir, path)
+        if real is not None:
+            return real
+        if path.is_symlink():
+            raise CheckpointError(
+                f"{what} {path} is a symbolic link to {os.readlink(path)!r}, which "
+                f"{'does not exist' if not path.exists() else 'leaves the checkpoint directory'} (only links "
+                "inside the checkpoint or into a huggingface_hub cache blob store are followed). Refusing to "
+                "read it: replace the link with the real file, or re-download the checkpoint")
+        raise CheckpointError(f"{what} {path} is not a regular file inside {self.model_dir} (a directory, a "
+                              "device, or reached through a linked directory); replace it with the real file")
+
+    def shard_real_path(self, shard: str) -> Path:
+        """The resolved, checked file behind `shard`: what to open, link or copy (never the link itself)."""
+        real = self._real_paths.get(shard)
+        if real is None:
+            real = self._real_paths[shard] = self._member(shard, "shard")
+        return real
+
+    def _read_shard_header(self, shard: str) -> ShardHeader:
+        real, path = self.shard_real_path(shard), self.model_dir / shard
+        # errors name the shard as the user knows it, and the blob it links to
+        label = f"{path} (-> {real})" if path.is_symlink() else str(path)
+        return read_header(real, label=label)
 
     def _validate_safetensors(self) -> None:
         by_shard: dict[str, list[str]] = {s: [] for s in self._shards}
         for name, shard in self._weight_map.items():
             by_shard[shard].append(name)
+        holder: dict[str, str] = {}  # tensor name -> first shard whose header holds it
         for shard, names in by_shard.items():
             path = self.model_dir / shard
-            if not path.is_file():
+            if not _present(path):
                 raise CheckpointError(
                     f"{self.index_file} names shard {shard!r} (holding {len(names)} tensors, e.g. {names[0]!r}) "
                     f"but {path} does not exist; the download is incomplete: fetch the missing shard")
-            header = read_header(path)
+            header = self._read_shard_header(shard)
             self._headers[shard] = header
+            for name in header.entries:
+                # loaders that read every key of every shard would keep one copy or the other, by file order
+                if name in holder:
+                    raise CheckpointError(
+                        f"{self.model_dir}: tensor {name!r} is stored in two shards, {holder[name]!r} and "
+                        f"{shard!r}; which copy a loader uses depends on its file order. Remove it from one shard "
+                        "(the one the index does not map it to) or regenerate the checkpoint")
+                holder[name] = shard
             missing = [n for n in names if n not in header.entries]
             if missing:
                 raise CheckpointError(
@@ -145,8 +204,9 @@ class CheckpointReader:
         weight_map: dict[str, str] = {}
         for shard in self._shards:
             path = self.model_dir / shard
-            if not path.is_file():
+            if not _present(path):
                 raise CheckpointError(f"{path}: pickle shard named by the index does not exist; re-download it")
+            path = self.shard_real_path(shard)
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises many types for bad/legacy pickles
@@ -154,6 +214,11 @@ class CheckpointReader:
                                       "convert this checkpoint to safetensors with the tool that made it") from None
             for name, t in state.items():
                 if isinstance(t, torch.Tensor):
+                    if name in weight_map:
+                        raise CheckpointError(
+                            f"{self.model_dir}: tensor {name!r} is stored in two pickle shards, "
+                            f"{weight_map[name]!r} and {shard!r}; remove it from one of them or re-save the "
+                            "checkpoint")
                     tensors[name] = t
                     weight_map[name] = shard
         missing = [n for n in self._weight_map if n not in tensors]
@@ -200,7 +265,8 @@ class CheckpointReader:
         return self._headers[shard]
 
     def shard_path(self, shard: str) -> Path:
-        return self.model_dir / shard
+        """Where to read `shard`: its checked real path (see shard_real_path)."""
+        return self.shard_real_path(shard)
 
     def weight_files(self) -> set[str]:
         """File names (relative to model_dir) that hold weights or the weight index."""
@@ -221,7 +287,7 @@ class CheckpointReader:
         if self._open is not None and self._open[0] == shard:
             return self._open[1]
         self.close()  # close the previous shard BEFORE opening the next: never two open at once
-        handle = safe_open(str(self.model_dir / shard), framework="pt")
+        handle = safe_open(str(self.shard_real_path(shard)), framework="pt")
         handle.__enter__()
         self._open = (shard, handle)
         return handle
@@ -237,3 +303,8 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _present(path: Path) -> bool:
+    """Something is there (a file, or a link even if dangling): then the member rule decides, not 'missing'."""
+    return path.is_file() or path.is_symlink()

@@ -5,7 +5,7 @@ checkpoint directory; the source is only ever opened for reading.
 
 Design: what happens to a shard, mode="reuse" (the default)
 -----------------------------------------------------------
-- untouched shard -> hard link (or copy, see `link`): no bytes written.
+- untouched shard -> reflink, read-only hard link or copy (see `link` below).
 - shard with REPLACED tensors only -> a copy of the shard in which just those
   tensors' bytes are overwritten. Replacements must keep dtype and shape, so
   the header and every offset stay identical and the index is unchanged. On a
@@ -37,8 +37,14 @@ mode="full" rewrites everything at max_shard_size with HF names
 (`model-0000i-of-0000N.safetensors`), streaming raw byte ranges one source file
 at a time; pickle sources are always written this way (nothing to reuse).
 
-Hard links: reused output shards share inodes with the source. Tools must
-replace such files (write new, rename over), never edit them in place.
+Reusing untouched shards (`link`, see file_copy.py): "auto" (default) reflinks
+where the filesystem can (free, independent files); else hard-links a source
+shard only when it has no write permission bits (nobody edits that shared inode
+in place without chmod-ing it first); else copies. So by default editing the
+export in place never changes the source. "hardlink" always shares inodes (free
+on any filesystem, but an in-place edit of one changes both: only for outputs
+that are replaced, never edited), "copy" never does. A symlinked source (a hub
+cache snapshot) is resolved first: the export never contains symlinks.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from typing import Any
 
 import torch
 
-from .atomic_dir import atomic_output_dir, check_not_nested
+from .atomic_dir import atomic_output_dir, check_output_location
 from .checkpoint_reader import SAFETENSORS_INDEX, CheckpointReader
 from .errors import CheckpointError
 from .file_copy import link_or_copy
@@ -85,7 +91,8 @@ class WriteReport:
     # per output shard: hardlink | reflink | copy | reflink+patch | copy+patch | trimmed | new
     reuse_method: dict[str, str] = field(default_factory=dict)
     files_copied: list[str] = field(default_factory=list)
-    files_skipped: list[str] = field(default_factory=list)  # stale weights of other formats, not copied
+    files_skipped: list[str] = field(default_factory=list)  # not copied: other weights, links leaving, FIFOs...
+    skip_reasons: dict[str, str] = field(default_factory=dict)  # files_skipped entry -> why
     notes: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
 
@@ -109,15 +116,21 @@ def write_patched_checkpoint(
     allow_pickle: bool = False,
     verify: bool = True,
     fsync: bool = True,
+    include_subdir_weights: bool = False,
 ) -> WriteReport:
-    """Write source_dir with `patch` applied to out_dir, atomically. See the module docstring."""
+    """Write source_dir with `patch` applied to out_dir, atomically. See the module docstring.
+
+    link: "auto" | "hardlink" | "copy", how untouched shards are reused (module docstring).
+    include_subdir_weights: also copy weight files found in subdirectories (e.g. gpt-oss
+    `original/*.safetensors`); by default they are skipped and listed in report.skip_reasons.
+    """
     start = time.perf_counter()
     if mode not in ("reuse", "full"):
         raise CheckpointError(f"mode={mode!r}: expected 'reuse' or 'full'")
     if link not in ("auto", "hardlink", "copy"):
         raise CheckpointError(f"link={link!r}: expected 'auto', 'hardlink' or 'copy'")
     source_dir, out_dir = Path(source_dir), Path(out_dir)
-    check_not_nested(source_dir, out_dir)
+    check_output_location(out_dir, source_dir=source_dir, overwrite=overwrite)  # fail before any long work
     max_bytes = parse_size(max_shard_size)
     with CheckpointReader(source_dir, allow_pickle=allow_pickle) as reader:
         _check_patch(reader, patch)
@@ -141,7 +154,9 @@ def write_patched_checkpoint(
             report.bytes_written_other += write_index(tmp / SAFETENSORS_INDEX, weight_map, metadata)
             if write_config(source_dir, tmp, patch.config_edits):
                 report.bytes_written_other += (tmp / "config.json").stat().st_size
-            report.files_copied, report.files_skipped = copy_sidecar_files(source_dir, tmp, reader.weight_files())
+            report.files_copied, report.skip_reasons = copy_sidecar_files(
+                source_dir, tmp, reader.weight_files(), include_subdir_weights=include_subdir_weights)
+            report.files_skipped = list(report.skip_reasons)
             report.bytes_written_other += sum((tmp / f).stat().st_size for f in report.files_copied)
             if verify:
                 verify_output(tmp, layout, weight_map, {**patch.replace, **patch.add})
@@ -196,33 +211,54 @@ def _write_reuse(reader: CheckpointReader, patch: Patch, tmp: Path, link: str, f
     for shard in reader.shards():
         header = reader.shard_header(shard)
         out_shard = "model-base.safetensors" if rename_single and shard == "model.safetensors" else shard
-        src, dst = str(reader.shard_path(shard)), str(tmp / out_shard)
-        replaced = [n for n in header.entries if n in patch.replace and reader.shard_of(n) == shard]
-        dropped = [n for n in header.entries if n in patch.drop and reader.shard_of(n) == shard]
-        kept = [e for n, e in header.entries.items() if n not in dropped]
+        # the checked real file, never the link (a hub snapshot link, or one swapped after the reader's check)
+        src, dst = str(reader.shard_real_path(shard)), str(tmp / out_shard)
+        indexed = reader.names_in_shard(shard)  # the keys the index points at in this shard, storage order
+        # orphans (held here, mapped nowhere or elsewhere) never reach an export: loaders that read every key
+        # of every file would see a tensor the index does not vouch for
+        indexed_set = set(indexed)
+        orphans = [n for n in header.entries if n not in indexed_set]
+        replaced = [n for n in indexed if n in patch.replace]
+        dropped = [n for n in indexed if n in patch.drop]
+        kept = [n for n in indexed if n not in patch.drop]
         if not kept:
             report.notes.append(f"{shard}: every tensor dropped, shard omitted")
             continue
-        if not replaced and not dropped:
+        if orphans:
+            report.notes.append(f"{shard}: {len(orphans)} tensors the index does not map to this shard "
+                                f"(e.g. {orphans[0]!r}) left out; {out_shard} was rewritten without them")
+        if not replaced and not dropped and not orphans:
             method = link_or_copy(src, dst, link=link, fsync=fsync)
             report.shards_reused.append(out_shard)
             if method == "copy":
                 report.bytes_written_tensors += header.file_size
         else:
             report.shards_written.append(out_shard)
-            if not dropped:  # same dtype/shape guaranteed: overwrite bytes in a copy, header unchanged
+            if not dropped and not orphans:  # same dtype/shape: overwrite bytes in a copy, header unchanged
                 overwrites = [(header.entries[n].begin, patch.replace[n]) for n in replaced]
                 method, written = clone_with_overwrites(src, dst, overwrites, fsync=fsync)
             else:
+                entries = [header.entries[n] for n in kept]
                 out = [OutTensor(e.name, e.dtype, e.shape, e.nbytes,
-                                 patch.replace[e.name] if e.name in replaced else RawBytes(src, e.begin, e.end))
-                       for e in kept]
+                                 patch.replace[e.name] if e.name in patch.replace else RawBytes(src, e.begin, e.end))
+                       for e in entries]
                 method, written = "trimmed", write_shard(dst, out, header.metadata, fsync=fsync)
             report.bytes_written_tensors += written
         report.reuse_method[out_shard] = method
-        layout[out_shard] = {e.name: (e.dtype, e.shape) for e in kept}
-        weight_map.update({n: out_shard for n in reader.names_in_shard(shard) if n not in patch.drop})
+        # the plan comes from the source's indexed view and the patch, never from the header that
+        # verification will read back: a stale or extra key in the written file then cannot match itself
+        layout[out_shard] = {n: _planned(reader, patch, n) for n in kept}
+        weight_map.update({n: out_shard for n in kept})
     return layout, weight_map
+
+
+def _planned(reader: CheckpointReader, patch: Patch, name: str) -> tuple[str, tuple[int, ...]]:
+    """(dtype, shape) a kept tensor must have in the output: the patch value's, else the source index's."""
+    if name in patch.replace:
+        t = patch.replace[name]
+        return dtype_name(t.dtype), tuple(t.shape)
+    info = reader.header(name)
+    return info.dtype, info.shape
 
 
 def _free_prefix(existing: list[str]) -> str:

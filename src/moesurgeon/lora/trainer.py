@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..data import TokenBlocks
-from .checkpointing import STATE_DIR, check_compatible, load_checkpoint, save_checkpoint
+from .checkpointing import STATE_DIR, resume_checkpoint, save_checkpoint
 from .data_stream import BlockStream
 from .losses import lm_loss, load_balancing_loss, routing_entropy_bits
 from .schedule import make_scheduler
@@ -108,8 +108,9 @@ def train_router_lora(
     stream = BlockStream(blocks, tcfg.batch_size, seed=tcfg.seed, rank=rank, world=world)
     start = 0
     if resume_from is not None:
-        check_compatible(resume_from, settings, world)
-        meta = load_checkpoint(resume_from, lora_params=named, optimizer=optimizer, scheduler=scheduler, rank=rank)
+        # a damaged resume_from (or one whose files do not fit this model) falls back to an older step
+        resume_from, meta = resume_checkpoint(resume_from, settings=settings, world_size=world, lora_params=named,
+                                              optimizer=optimizer, scheduler=scheduler, rank=rank)
         stream.load_state_dict(meta["data_position"])
         start = int(meta["step"])
         log.info("resumed from %s at step %d/%d", resume_from, start, tcfg.steps)

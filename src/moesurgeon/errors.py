@@ -1,0 +1,40 @@
+"""User mistakes versus bugs: which exceptions the command line reports as one line.
+
+Every module raises its own `ValueError` subclass for bad input, with a message that names the
+value, what was expected and the fix. The command line prints those messages alone and exits with
+status 2; anything else is a bug and keeps its traceback. `ConfigError` is for experiment settings
+that belong to no other module (top-k values, export targets, thread counts).
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """An experiment setting is out of range or contradicts another one."""
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exception types whose message is the whole story (imported lazily: the CLI starts fast)."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    from .arch import InvalidConfigError, UnsupportedModelError
+    from .data import DataError
+    from .io import CheckpointError
+    from .lora.checkpointing import ResumeError
+    from .lora.router_peft import RouterLoraError
+    from .lora.train_config import TrainConfigError
+    from .model_source import ModelLoadError
+    from .reference.corpus import CorpusError
+    from .routers.errors import RouterConfigError
+
+    types: list[type[BaseException]] = [
+        ConfigError, MissingMandatoryValue, InvalidConfigError, UnsupportedModelError, DataError, CheckpointError,
+        ResumeError, RouterLoraError, TrainConfigError, ModelLoadError, CorpusError, RouterConfigError,
+    ]
+    try:
+        from .experiments.role_router import ExportRefusedError
+
+        types.append(ExportRefusedError)
+    except ImportError:  # role_router imports hydra utilities; never let that hide the other types
+        pass
+    return tuple(types)
