@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,10 +76,9 @@ def test_hub_id_offline_and_not_cached_says_so(tmp_path, monkeypatch):
         resolve_source("some-org/some-model", cache_dir=str(tmp_path / "cache"))
 
 
-def test_hub_id_resolves_to_its_cache_snapshot(tiny_checkpoint, tmp_path, monkeypatch):
-    """A model downloaded with huggingface_hub: relative symlinks from snapshots/<rev>/ into blobs/."""
-    ckpt = tiny_checkpoint("qwen3_moe")
-    repo = tmp_path / "cache" / "models--acme--tiny-moe"
+def _fake_hub_cache(ckpt, cache):
+    """The layout huggingface_hub downloads into: relative symlinks from snapshots/<rev>/ into blobs/."""
+    repo = cache / "models--acme--tiny-moe"
     rev = "0123456789abcdef0123456789abcdef01234567"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(rev)
@@ -88,6 +89,11 @@ def test_hub_id_resolves_to_its_cache_snapshot(tiny_checkpoint, tmp_path, monkey
         blob = repo / "blobs" / f"{i:064x}"
         shutil.copy(f, blob)
         (snap / f.name).symlink_to(f"../../blobs/{blob.name}")
+    return snap
+
+
+def test_hub_id_resolves_to_its_cache_snapshot(tiny_checkpoint, tmp_path, monkeypatch):
+    snap = _fake_hub_cache(tiny_checkpoint("qwen3_moe"), tmp_path / "cache")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     resolved = resolve_source("acme/tiny-moe", cache_dir=str(tmp_path / "cache"))
     assert resolved == snap
@@ -175,3 +181,21 @@ def test_thread_default_uses_every_core_for_a_large_model():
     assert resolve_threads("auto", "cpu", 4096) == len(os.sched_getaffinity(0))
     with pytest.raises(ValueError, match="threads=0"):
         resolve_threads(0, "cpu", 128)
+
+
+def test_export_from_a_hub_id_in_the_cache(tiny_checkpoint, tmp_path):
+    """The whole command on a cached hub id: the export holds regular files, the snapshot is untouched."""
+    snap = _fake_hub_cache(tiny_checkpoint("qwen3_moe"), tmp_path / "cache")
+    before = {f.name: (f.is_symlink(), f.read_bytes()) for f in snap.iterdir()}
+    data = write_tiny_jsonl(tmp_path / "eval.jsonl")
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "moesurgeon", "experiment=topk_override", "top_k=1",
+                           "model.path=acme/tiny-moe", "data=jsonl", f"data.heldout.path={data}",
+                           "data.label_field=domain", "data.block_size=32", "progress=false", f"hydra.run.dir={out}"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = list((out / "checkpoint").rglob("*"))
+    assert exported and not [p for p in exported if p.is_symlink()]
+    assert json.loads((out / "checkpoint" / "config.json").read_text())["num_experts_per_tok"] == 1
+    assert {f.name: (f.is_symlink(), f.read_bytes()) for f in snap.iterdir()} == before
