@@ -5,11 +5,12 @@ consumes text the same way, so this module is the single place that turns a
 user-supplied path into ``TokenBlocks``:
 
 * ``DataSpec`` says where the text is and how to read it;
-* ``load_examples`` returns ``Example(text, label)`` records;
+* ``load_examples`` returns ``Example(text, label)`` records (``iter_examples`` streams them);
 * ``tokenize_blocks`` cuts each example into ``block_size``-token blocks;
 * ``load_blocks`` does both after checking ``block_size`` against the model.
 
-Supported sources (``format="auto"`` picks one from the path):
+Supported sources (``format="auto"`` picks one from the path; the readers live in
+``moesurgeon.data_readers``, which also states the encoding, line and label rules):
 
 * ``text``  -- a ``.txt`` file or a directory of ``.txt`` files (not recursive).
   Each file is ONE example; with ``label_field="filename"`` its label is the
@@ -19,44 +20,34 @@ Supported sources (``format="auto"`` picks one from the path):
 * ``disk``  -- a ``datasets`` ``Dataset``/``DatasetDict`` written by ``save_to_disk``.
 * ``hub``   -- a hub dataset id; only tried when nothing exists at ``path`` locally.
 
+Memory: records are read one at a time and tokenized in small batches; token ids are
+kept as one int32 tensor per example until the output tensors are filled, so the peak
+is about the output plus the largest example's tokenization, not a multiple of the corpus.
+
 All input problems raise ``DataError`` (a ``ValueError``) whose message names the
 offending value, what was expected, and how to fix it.
 """
 
 from __future__ import annotations
 
-import json
 import random
-import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["DataError", "DataSpec", "Example", "TokenBlocks", "load_examples", "tokenize_blocks", "load_blocks",
-           "validate_block_size", "pad_token_id"]
+from .data_readers import DataError, Example, open_source
+
+__all__ = ["DataError", "DataSpec", "Example", "TokenBlocks", "iter_examples", "load_examples", "tokenize_blocks",
+           "load_blocks", "validate_block_size", "pad_token_id"]
 
 FORMATS = ("auto", "text", "jsonl", "disk", "hub")
-_OFFLINE_FIX = (
-    "pass a local path instead: a .txt file, a directory of .txt files, a .jsonl file, "
-    "or a dataset written with datasets' save_to_disk()"
-)
-# owner/name or name, as the hub spells dataset ids; anything with a file suffix,
-# a leading ./ or /, or more than one slash is a local path that is missing.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-_LOCAL_SUFFIXES = (".txt", ".json", ".jsonl", ".arrow", ".parquet", ".csv")
-
-
-class DataError(ValueError):
-    """A problem with the data spec or the data itself, with the fix in the message."""
-
-
-@dataclass(frozen=True)
-class Example:
-    text: str
-    label: str | None = None
+# Texts are tokenized in batches of about this many characters: enough for the Rust
+# tokenizer to work on many short documents at once, few enough that what it builds
+# per character (~200 bytes: alignments, offsets, token strings) stays small. A longer
+# text is tokenized whole (cutting it could change its tokens), so it alone sets the peak.
+_BATCH_CHARS = 1 << 18
 
 
 @dataclass
@@ -153,224 +144,90 @@ class DataSpec:
                 )
 
 
+
 # --------------------------------------------------------------------------- loading
 
 
-def load_examples(spec: DataSpec) -> list[Example]:
-    """Read ``spec.path`` into labelled examples, filtered and subsampled as the spec says."""
-    fmt = _resolve_format(spec)
-    path = Path(spec.path).expanduser()
-    if fmt == "text":
-        examples = _read_text(path, spec)
-    elif fmt == "jsonl":
-        examples = _read_jsonl(path, spec)
-    elif fmt == "disk":
-        examples = _read_dataset(_load_disk(path, spec), spec, source=str(path), split_applied=False)
-    else:
-        # load_dataset(split=...) already picked the split when one was named.
-        examples = _read_dataset(
-            _load_hub(spec), spec, source=f"hub dataset {spec.path!r}", split_applied=spec.split is not None
-        )
+@dataclass
+class _Seen:
+    """What the filters saw during one pass, for the checks made once the data is read."""
 
-    if not examples:
+    records: int = 0
+    nonempty: int = 0
+    labels: set[str] = field(default_factory=set)
+
+
+def _filtered(records: Iterable[Example], spec: DataSpec, seen: _Seen) -> Iterator[Example]:
+    wanted = set(spec.only_labels) if spec.only_labels is not None else None
+    for ex in records:
+        seen.records += 1
+        # Whitespace-only texts produce no tokens and would only make empty blocks.
+        # isspace() rather than strip(): strip() may copy the whole text.
+        if not ex.text or ex.text.isspace():
+            continue
+        seen.nonempty += 1
+        if ex.label is not None:
+            seen.labels.add(ex.label)
+        if wanted is None or ex.label in wanted:
+            yield ex
+
+
+def _check_seen(seen: _Seen, spec: DataSpec) -> None:
+    if not seen.records:
         raise DataError(f"data.path={spec.path!r} holds no examples; point data.path at a non-empty corpus")
-    # Whitespace-only texts produce no tokens and would only make empty blocks.
-    examples = [ex for ex in examples if ex.text.strip()]
-    if not examples:
+    if not seen.nonempty:
         raise DataError(
             f"every example in data.path={spec.path!r} has an empty {spec.text_field!r}; "
             "check data.text_field names the column that holds the text"
         )
     if spec.only_labels is not None:
-        present = sorted({ex.label for ex in examples if ex.label is not None})
+        present = sorted(seen.labels)
         missing = [v for v in spec.only_labels if v not in present]
         if missing:
             raise DataError(
                 f"data.only_labels asks for {missing}, absent from {spec.label_field!r} in {spec.path!r}; "
                 f"labels present: {present}"
             )
-        wanted = set(spec.only_labels)
-        examples = [ex for ex in examples if ex.label in wanted]
-    if spec.max_examples is not None and len(examples) > spec.max_examples:
-        # A seeded random subset (kept in file order) rather than the first N, so a
-        # corpus sorted by domain does not lose whole domains.
-        keep = sorted(random.Random(spec.seed).sample(range(len(examples)), spec.max_examples))
-        examples = [examples[i] for i in keep]
-    return examples
 
 
-def _resolve_format(spec: DataSpec) -> str:
-    path = Path(spec.path).expanduser()
-    if spec.format == "hub":
-        return "hub"
-    if not path.exists():
-        if spec.format == "auto" and _looks_like_hub_id(spec.path):
-            return "hub"
-        raise DataError(
-            f"data.path={spec.path!r} does not exist (resolved to {path.resolve()}); expected a .txt/.jsonl/.json "
-            "file, a directory of .txt files, a save_to_disk dataset directory, or a hub dataset id; fix the path"
-        )
-    if spec.format != "auto":
-        return spec.format
-    if path.is_dir():
-        if any((path / marker).exists() for marker in ("dataset_dict.json", "state.json", "dataset_info.json")):
-            return "disk"
-        return "text"
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        return "jsonl"
-    if suffix == ".txt":
-        return "text"
-    raise DataError(
-        f"cannot tell the format of data.path={spec.path!r} from its suffix {suffix!r}; expected .txt, .jsonl "
-        "or .json, or set data.format=text|jsonl|disk"
-    )
-
-
-def _looks_like_hub_id(path: str) -> bool:
-    return bool(_HUB_ID.match(path)) and not path.lower().endswith(_LOCAL_SUFFIXES)
-
-
-def _read_text(path: Path, spec: DataSpec) -> list[Example]:
-    if spec.label_field not in (None, "filename"):
-        raise DataError(
-            f"data.label_field={spec.label_field!r} cannot apply to .txt files, which have no fields; "
-            "use data.label_field=filename (label = file stem) or a .jsonl file with a label column"
-        )
-    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
-    if not files:
-        raise DataError(
-            f"directory data.path={spec.path!r} contains no .txt files (subdirectories are not searched); "
-            "put one .txt file per example there, or point data.path at a .jsonl file"
-        )
-    examples = []
-    for file in files:
-        try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{file} is not valid UTF-8 ({err}); re-encode it as UTF-8") from err
-        examples.append(Example(text, file.stem if spec.label_field == "filename" else None))
-    return examples
-
-
-def _read_jsonl(path: Path, spec: DataSpec) -> list[Example]:
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json" and raw.lstrip().startswith("["):
-        try:
-            records = list(enumerate(json.loads(raw), start=1))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} is not valid JSON ({err}); expected a list of objects") from err
-        where = "item"
-    else:
-        records = []
-        for lineno, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path} line {lineno} is not valid JSON ({err}); expected one object per line"
-                ) from err
-        where = "line"
-    for pos, rec in records:
-        if not isinstance(rec, dict):
-            raise DataError(f"{path} {where} {pos} is a {type(rec).__name__}, expected a JSON object")
-    return [_record_example(rec, spec, f"{path} {where} {pos}") for pos, rec in records]
-
-
-def _record_example(rec: dict[str, Any], spec: DataSpec, where: str) -> Example:
-    if spec.text_field not in rec:
-        raise DataError(
-            f"{where} has no text field {spec.text_field!r}; fields present: {sorted(rec)}; "
-            "set data.text_field to one of them"
-        )
-    if spec.label_field is not None and rec.get(spec.label_field) is None:
-        raise DataError(
-            f"{where} has no label field {spec.label_field!r}; fields present: {sorted(rec)}; "
-            "set data.label_field to one of them, or data.label_field=null for unlabelled data"
-        )
-    text = rec[spec.text_field]
-    if text is not None and not isinstance(text, str):
-        raise DataError(f"{where}: field {spec.text_field!r} holds a {type(text).__name__}, expected a string")
-    return Example(text or "", None if spec.label_field is None else str(rec[spec.label_field]))
-
-
-def _load_disk(path: Path, spec: DataSpec) -> Any:
-    from datasets import load_from_disk
-
-    try:
-        return load_from_disk(str(path))
-    except Exception as err:  # datasets raises FileNotFoundError / ValueError variants
-        raise DataError(
-            f"data.path={spec.path!r} could not be read with datasets.load_from_disk ({type(err).__name__}: {err}); "
-            "expected a directory written by Dataset.save_to_disk or DatasetDict.save_to_disk"
-        ) from err
-
-
-def _load_hub(spec: DataSpec) -> Any:
-    import datasets
-
-    try:
-        return datasets.load_dataset(spec.path, split=spec.split)
-    except Exception as err:  # offline: ConnectionError / LocalEntryNotFoundError / OSError, all to one message
-        raise DataError(
-            f"data.path={spec.path!r} is not a local path, so it was tried as a hub dataset id and that failed "
-            f"({type(err).__name__}: {str(err)[:300]}). Without network access (or with a wrong id), {_OFFLINE_FIX}"
-        ) from err
-
-
-def _read_dataset(ds: Any, spec: DataSpec, *, source: str, split_applied: bool) -> list[Example]:
-    from datasets import ClassLabel, DatasetDict
-
-    if isinstance(ds, DatasetDict):
-        splits = list(ds)
-        if spec.split is None and len(splits) == 1:
-            ds = ds[splits[0]]
-        elif spec.split is None:
-            raise DataError(
-                f"{source} has splits {splits}; choose one, e.g. data.heldout.split={splits[0]} "
-                "(split=<name>; data.train.split for the training data)"
-            )
-        elif spec.split not in ds:
-            raise DataError(f"split={spec.split!r} is not a split of {source}; splits present: {splits}")
+def iter_examples(spec: DataSpec) -> Iterator[Example]:
+    """The examples of ``load_examples``, one at a time; input errors are raised as they are met."""
+    source = open_source(spec)
+    seen = _Seen()
+    if spec.max_examples is None:
+        yield from _filtered(source(), spec, seen)
+        _check_seen(seen, spec)
+        return
+    # A seeded random subset (kept in file order) rather than the first N, so a corpus
+    # sorted by domain does not lose whole domains. The subset depends on how many
+    # examples pass the filters, so the first pass counts them, holding at most
+    # max_examples of them (all that is needed when there are no more than that).
+    held: list[Example] | None = []
+    count = 0
+    for ex in _filtered(source(), spec, seen):
+        count += 1
+        if held is not None and count <= spec.max_examples:
+            held.append(ex)
         else:
-            ds = ds[spec.split]
-    elif spec.split is not None and not split_applied:
-        # Not ignored: train and heldout pointing at one split-less dataset would overlap.
-        raise DataError(
-            f"split={spec.split!r} was given but {source} is a single Dataset without splits; "
-            "set the split to null (e.g. data.heldout.split=null) or save a DatasetDict"
-        )
+            held = None
+    _check_seen(seen, spec)
+    if held is not None:
+        yield from held
+        return
+    keep = sorted(random.Random(spec.seed).sample(range(count), spec.max_examples))
+    wanted, last = set(keep), keep[-1]
+    records = source()
+    try:
+        for i, ex in zip(range(last + 1), _filtered(records, spec, _Seen())):
+            if i in wanted:
+                yield ex
+    finally:
+        records.close()  # closes the file now when the pass stops early
 
-    columns = list(ds.column_names)
-    if spec.text_field not in columns:
-        raise DataError(
-            f"{source} has no text field {spec.text_field!r}; fields present: {columns}; "
-            "set data.text_field to one of them"
-        )
-    if spec.label_field is not None and spec.label_field not in columns:
-        raise DataError(
-            f"{source} has no label field {spec.label_field!r}; fields present: {columns}; "
-            "set data.label_field to one of them, or data.label_field=null"
-        )
-    texts = list(ds[spec.text_field])
-    for i, text in enumerate(texts):
-        if text is not None and not isinstance(text, str):
-            raise DataError(f"{source} row {i}: {spec.text_field!r} holds a {type(text).__name__}, expected a string")
-    if spec.label_field is None:
-        return [Example(t or "") for t in texts]
-    feature = ds.features[spec.label_field]
-    # Integer class ids are meaningless in plots; ClassLabel knows their names.
-    names = feature.names if isinstance(feature, ClassLabel) else None
-    labels = []
-    for i, value in enumerate(ds[spec.label_field]):
-        if value is None:
-            raise DataError(
-                f"{source} row {i} has no value for label field {spec.label_field!r}; fill or drop such rows"
-            )
-        labels.append(names[value] if names is not None else str(value))
-    return [Example(t or "", lab) for t, lab in zip(texts, labels)]
+
+def load_examples(spec: DataSpec) -> list[Example]:
+    """Read ``spec.path`` into labelled examples, filtered and subsampled as the spec says."""
+    return list(iter_examples(spec))
 
 
 # ------------------------------------------------------------------------ tokenizing
@@ -411,6 +268,91 @@ def _wants_bos(tokenizer: Any) -> bool:
     return bool(with_special) and with_special[0] == bos and (not without or without[0] != bos)
 
 
+
+class _BlockBuilder:
+    """Tokenizes examples a batch at a time and fills the block tensors once at the end.
+
+    A batch's ids are kept as one int32 tensor plus a length per example (Python lists
+    cost 8 bytes an id, or ~36 with the int objects) and are copied by ``finish`` into
+    the preallocated [N, block_size] tensors, each batch freed once copied. Examples are
+    never concatenated, so every block has exactly one label.
+    """
+
+    def __init__(self, tokenizer: Any, block_size: int, add_bos: bool | None) -> None:
+        self.tokenizer, self.block_size = tokenizer, block_size
+        if add_bos is None:
+            add_bos = _wants_bos(tokenizer)
+        self.bos = getattr(tokenizer, "bos_token_id", None) if add_bos else None
+        self.pad = pad_token_id(tokenizer)
+        self.examples = 0
+        self.labels: set[str] = set()
+        self._pending: list[Example] = []
+        self._pending_chars = 0
+        self._batches: list[tuple[torch.Tensor, list[int], list[str | None]] | None] = []
+
+    def add(self, ex: Example) -> None:
+        self.examples += 1
+        if ex.label is not None:
+            self.labels.add(ex.label)
+        self._pending.append(ex)
+        self._pending_chars += len(ex.text)
+        if self._pending_chars >= _BATCH_CHARS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        # verbose=False: long documents exceed model_max_length by design (we cut them).
+        encoded = self.tokenizer(
+            [ex.text for ex in self._pending], add_special_tokens=False, verbose=False,
+            return_attention_mask=False, return_token_type_ids=False,
+        )["input_ids"]
+        parts, lengths = [], []
+        for i in range(len(encoded)):
+            lengths.append(len(encoded[i]))
+            if lengths[-1]:
+                parts.append(torch.tensor(encoded[i], dtype=torch.int32))
+            encoded[i] = None  # drop each Python list once it is a tensor
+        ids = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
+        self._batches.append((ids, lengths, [ex.label for ex in self._pending]))
+        self._pending, self._pending_chars = [], 0
+
+    def finish(self, label_names: list[str]) -> TokenBlocks:
+        self._flush()
+        size, lead = self.block_size, int(self.bos is not None)
+        # An example with no tokens gets no block (and no BOS-only block).
+        rows = sum(-(-(lead + n) // size) for _, lengths, _ in self._batches for n in lengths if n)
+        if not rows:
+            raise DataError(
+                f"the {self.examples} example(s) produced no tokens with this tokenizer; "
+                "check the text field is not empty"
+            )
+        index = {name: i for i, name in enumerate(label_names)}
+        input_ids = torch.full((rows, size), self.pad, dtype=torch.long)
+        attention_mask = torch.zeros((rows, size), dtype=torch.long)
+        labels = torch.empty(rows, dtype=torch.long)
+        # An example's blocks are consecutive rows, so in the flat view its tokens are one
+        # run starting at its first row and the last block's padding simply follows them.
+        flat_ids, flat_mask = input_ids.view(-1), attention_mask.view(-1)
+        row = 0
+        batches, self._batches = self._batches, []
+        for b in range(len(batches)):
+            ids, lengths, names = batches[b]
+            batches[b] = None  # free each batch's ids once copied
+            pos = 0
+            for n, label in zip(lengths, names):
+                if not n:
+                    continue
+                start, count = row * size, -(-(lead + n) // size)
+                if lead:
+                    flat_ids[start] = self.bos
+                flat_ids[start + lead : start + lead + n] = ids[pos : pos + n]
+                flat_mask[start : start + lead + n] = 1
+                labels[row : row + count] = index[label] if label is not None else -1
+                row, pos = row + count, pos + n
+        return TokenBlocks(input_ids, attention_mask, labels, list(label_names))
+
+
 def tokenize_blocks(
     examples: list[Example],
     tokenizer: Any,
@@ -431,45 +373,23 @@ def tokenize_blocks(
         label_names = sorted({ex.label for ex in examples if ex.label is not None})
     else:
         label_names = list(label_names)
-    index = {name: i for i, name in enumerate(label_names)}
-    unknown = sorted({ex.label for ex in examples if ex.label is not None and ex.label not in index})
+    known = set(label_names)
+    unknown = sorted({ex.label for ex in examples if ex.label is not None and ex.label not in known})
     if unknown:
         raise DataError(f"labels {unknown} are not in label_names={label_names}; add them or filter those examples")
-    if add_bos is None:
-        add_bos = _wants_bos(tokenizer)
-    bos = getattr(tokenizer, "bos_token_id", None) if add_bos else None
-    pad = pad_token_id(tokenizer)
-
-    # verbose=False: long documents exceed model_max_length by design (we cut them).
-    encoded = tokenizer([ex.text for ex in examples], add_special_tokens=False, verbose=False)["input_ids"]
-    ids_rows: list[list[int]] = []
-    mask_rows: list[list[int]] = []
-    label_rows: list[int] = []
-    for ex, ids in zip(examples, encoded):
-        if not ids:
-            continue
-        ids = ([bos] if bos is not None else []) + list(ids)
-        label = index[ex.label] if ex.label is not None else -1
-        for start in range(0, len(ids), block_size):
-            chunk = ids[start : start + block_size]
-            n_pad = block_size - len(chunk)
-            ids_rows.append(chunk + [pad] * n_pad)
-            mask_rows.append([1] * len(chunk) + [0] * n_pad)
-            label_rows.append(label)
-    if not ids_rows:
-        raise DataError(
-            f"the {len(examples)} example(s) produced no tokens with this tokenizer; check the text field is not empty"
-        )
-    return TokenBlocks(
-        input_ids=torch.tensor(ids_rows, dtype=torch.long),
-        attention_mask=torch.tensor(mask_rows, dtype=torch.long),
-        labels=torch.tensor(label_rows, dtype=torch.long),
-        label_names=label_names,
-    )
+    builder = _BlockBuilder(tokenizer, block_size, add_bos)
+    for ex in examples:
+        builder.add(ex)
+    return builder.finish(label_names)
 
 
 def load_blocks(spec: DataSpec, tokenizer: Any, model_max_positions: int | None = None) -> TokenBlocks:
-    """``load_examples`` + ``tokenize_blocks``, checking ``block_size`` before reading anything."""
+    """``load_examples`` + ``tokenize_blocks``, checking ``block_size`` before reading anything.
+
+    Examples stream from the reader into the tokenizer, so the texts are never all held at once.
+    """
     validate_block_size(spec.block_size, model_max_positions)
-    examples = load_examples(spec)
-    return tokenize_blocks(examples, tokenizer, spec.block_size)
+    builder = _BlockBuilder(tokenizer, spec.block_size, None)
+    for ex in iter_examples(spec):
+        builder.add(ex)
+    return builder.finish(sorted(builder.labels))
