@@ -3,9 +3,13 @@
 A leaf package: it imports only the standard library, torch and safetensors,
 and knows nothing about model families; it moves tensors and files.
 
-- `CheckpointReader(model_dir)`: validated, lazy, one-shard-at-a-time reads.
+- `CheckpointReader(model_dir)`: validated, lazy, one-shard-at-a-time reads;
+  a checkpoint is untrusted input (`paths.py`: what belongs to it).
 - `write_patched_checkpoint(source_dir, out_dir, Patch(...))`: an atomic,
-  verified patched copy that reuses (hard-links / reflinks) unchanged shards.
+  verified patched copy that reuses unchanged shards (reflinks; hard links only
+  for read-only sources or on request; else copies: `file_copy.py`).
+- `output_checks.check_output_location(...)`: every check on a target that can
+  run before the long work.
 """
 
 from .checkpoint_reader import CheckpointReader, TensorInfo
