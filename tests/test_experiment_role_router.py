@@ -33,6 +33,8 @@ def test_role_aware_measured_and_distilled(tiny_checkpoint, tmp_path):
     assert m["before/tokens_per_s"] > 0 and m["after/tokens_per_s"] > 0
     assert m["export/mode"] == "distill" and m["export/done"] is True
     assert m["export/agreement/all"] >= 0.9 and m["export/verified_reload"]
+    # the floor was cleared at a check, then training ran its whole budget for the best student
+    assert m["distill/outcome"] == "reached" and m["distill/decided_step"] < m["distill/steps_run"] == 60
     experts = json.loads((out / "role_experts.json").read_text())
     assert set(experts) == {"code", "prose"} and all(len(v) == 2 for v in experts["code"].values())
     for name in ("usage_heatmap_before.png", "usage_heatmap_after.png", "usage_before_after_code.png", "role_share.png"):
@@ -41,14 +43,18 @@ def test_role_aware_measured_and_distilled(tiny_checkpoint, tmp_path):
 
 
 def test_export_refused_below_agreement_floor(tiny_checkpoint, tmp_path):
+    """Distillation ran its whole (tiny) budget; the end-to-end held-out figure refuses the export."""
     ckpt = tiny_checkpoint("qwen3_moe")
     out = tmp_path / "refused"
-    cfg = cfg_for(tmp_path, ckpt, "role_router.export.min_agreement=1.01", "role_router.export.distill.steps=5",
-                  "role_router.figures=false")
-    with pytest.raises(ExportRefusedError, match=r"agree with the custom router on [\d.]+% .* below .*min_agreement=101%"):
+    cfg = cfg_for(tmp_path, ckpt, "role_router.export.min_agreement=1.0", "role_router.export.distill.steps=5",
+                  "role_router.export.distill.give_up=false", "role_router.figures=false")
+    with pytest.raises(ExportRefusedError, match=r"agree with the custom router on [\d.]+% of held-out top-k "
+                                                 r"selections, below role_router.export.min_agreement=1;.*Options: "):
         run_experiment(cfg, out)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["export/done"] is False and 0 <= metrics["export/agreement/all"] <= 1
+    assert metrics["export/done"] is False and 0 <= metrics["export/agreement/all"] < 1
+    assert metrics["distill/outcome"] == "budget" and metrics["distill/steps_run"] == 5
+    assert metrics["before/ppl/code"] > 1 and metrics["after/ppl/code"] > 1
     assert not (out / "checkpoint").exists()
 
 
@@ -74,3 +80,5 @@ def test_bad_inputs_fail_with_the_fix(tiny_checkpoint, tmp_path):
         run_experiment(cfg_for(tmp_path, ckpt, "router=expert_mask", "router.experts=[8]"), tmp_path / "d")
     with pytest.raises(RouterConfigError, match=r"role 'code' would never apply: its tag '</s>'"):
         run_experiment(cfg_for(tmp_path, ckpt, roles="+roles={code:{tag:'</s>'}}"), tmp_path / "e")
+    with pytest.raises(RouterConfigError, match=r"min_agreement=1.01: expected a share .* in \[0, 1\]"):
+        run_experiment(cfg_for(tmp_path, ckpt, "role_router.export.min_agreement=1.01"), tmp_path / "f")

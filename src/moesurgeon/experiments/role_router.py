@@ -1,20 +1,28 @@
 """experiment=role_router — steer experts by role with a custom router, measure it, export it.
 
-validate roles, router and export mode (before any weight is read) -> load model, train and held-out
-blocks -> check every role can trigger on the data -> profile the train split and pick each role's
-experts (`experts: auto`) -> measure the unmodified model on held-out data -> substitute the
-custom router (Hydra `router/` group, `_target_`) -> the same measurements -> heatmaps -> export.
+validate roles, router, export mode and floor (before any weight is read) -> load model, train and
+held-out blocks -> check every role can trigger on the data -> profile the train split and pick each
+role's experts (`experts: auto`) -> build the custom router (Hydra `router/` group, `_target_`) ->
+[distill only: find an exact export instead, or cache the teacher and distil, stopping as soon as the
+export's fate is known] -> measure the unmodified model on held-out data -> the same measurements
+with the custom router -> heatmaps -> export (or refuse).
 
 Export modes (`role_router.export.mode`, `auto` picks the first that fits):
 - prune   (ExpertMaskRouter): a checkpoint without the masked experts, exact where the family allows
-- bias    (StaticBiasRouter on gpt_oss / deepseek_v3): the family's router bias, exact
+- bias    (StaticBiasRouter on gpt_oss / deepseek_v3): the family's router bias, exact. Also, under
+          `auto`, a RoleAwareRouter that boosts every token of the data alike on a family whose router
+          has a logit bias (gpt_oss): that boost is one static logit bias (surgery/role_bias.py)
 - weights (PrototypeRouter): the new router rows, exact
 - distill (anything else, e.g. RoleAwareRouter): train the standard router to imitate the custom one
 - none
 Bias, weights and distill report top-k agreement with the custom router on held-out data
 (`export/agreement/*`). A distilled export below `min_agreement` is refused: nothing is written,
-metrics.json is written with `export/done=false` and the figure, then ExportRefusedError is raised
-(the command exits non-zero).
+metrics.json is written with `export/done=false` and the figures, then ExportRefusedError is raised
+(the command exits non-zero). The refusal is known early: distillation runs before the before/after
+measurements (which do not depend on it), is checked every few steps end to end on a sample of
+held-out blocks, and gives up as soon as the floor is out of reach (routers/distill.py,
+routers/export_plan.py); the refusal, with its figure and the options, is logged then, and the
+measurements still run. Otherwise the whole held-out split's agreement decides.
 """
 
 from __future__ import annotations
@@ -40,12 +48,13 @@ from ..routers import (
     ExpertMaskRouter, PrototypeRouter, RoleContext, RoleSet, RouterConfigError, StaticBiasRouter, agreement_metrics,
     record_selections, resolve_mask, role_prototypes, substitute_routers,
 )
-from ..routers.distill import DistillConfig, collect_teacher, distill_routers, write_router_tensors
+from ..routers.distill import DistillConfig, collect_teacher, train_routers, write_router_tensors
+from ..routers.export_plan import ExportPlan, HeldoutCheck, check_sample, plan_distilled
 from ..routers.measure import measure, role_share
 from ..routers.static_bias import resolve_space
 from ..surgery import check_bias_export, export_pruned, write_static_bias
 from ..viz import plot_layer_bars, plot_usage
-from .common import layer_short_names, load_model_and_data, setup
+from .common import export_dir, layer_short_names, load_model_and_data, setup, source_dir
 
 log = logging.getLogger("moesurgeon")
 
@@ -83,7 +92,8 @@ def export_mode(requested: str, cls: type) -> str:
     if requested in ("prune", "bias", "weights") and requested != natural:
         raise RouterConfigError(
             f"role_router.export.mode={requested} cannot express a {cls.__name__}: prune exports an ExpertMaskRouter, "
-            "bias a StaticBiasRouter, weights a PrototypeRouter. Use export.mode=distill (or auto)")
+            "bias a StaticBiasRouter, weights a PrototypeRouter. Use export.mode=auto (exact where the router allows "
+            "it, else distilled) or distill")
     return requested
 
 
@@ -100,6 +110,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
+    t_run = time.perf_counter()
     setup(cfg)
     opts = cfg.role_router
     roles = RoleSet.from_mapping(_plain(cfg.roles)).subset(_plain(opts.get("active_roles")))
@@ -107,10 +118,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     mode = export_mode(str(opts.export.mode), cls)
     distill_cfg = DistillConfig(**_plain(opts.export.distill))
     min_agree = float(opts.export.min_agreement)
+    if not 0 <= min_agree <= 1:
+        raise RouterConfigError(f"role_router.export.min_agreement={min_agree}: expected a share of top-k selections "
+                                "in [0, 1], e.g. 0.9")
     config = load_config_dict(model_spec(cfg))  # a wrong model path stops here, before the data is read
     log.info("router %s, export mode %s, roles %s (%s)", cls.__name__, mode, roles.names, config.get("model_type"))
 
-    model, tokenizer, adapter, blocks = load_model_and_data(cfg, splits=("train", "heldout"))
+    model, tokenizer, adapter, blocks = load_model_and_data(cfg, splits=("train", "heldout"), out_dir=out_dir,
+                                                            exports=None if mode == "none" else "tensors")
     train, heldout = blocks["train"], blocks["heldout"]
     bs, progress = int(cfg.data.batch_size), bool(cfg.progress)
     layers = adapter.moe_layers(model)
@@ -136,7 +151,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     _write_json(out_dir / "role_experts.json",
                 {r: {layer.index: roles.role_experts(r, layer.index) for layer in layers} for r in roles.names})
 
-    before = measure(model, adapter, heldout, bs, progress=progress, desc="before")
     resources = {"roles": roles, "context": context}
     if "prototypes" in _accepted(cls, {"prototypes": None}):
         by_role = {r.name: train.select(r.profile_group) for r in roles.roles if r.profile_group in train.label_names}
@@ -147,68 +161,96 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     make = instantiate(cfg.router, _partial_=True, _convert_="all")
     swap = substitute_routers(model, adapter, lambda layer: make(layer=layer, adapter=adapter, **extra),
                               layers=_plain(opts.get("layers")))
+    custom = dict(swap.routers)  # built and checked once; substituted again below for the "after" measurement
+    plan = ExportPlan(mode)
+    try:
+        if mode == "distill":
+            # the distilled export's fate needs only the custom routers, the train data and a held-out sample:
+            # settle it (or find an exact export instead) before the before/after measurements, which do not
+            # depend on it
+            plan = plan_distilled(str(opts.export.mode), adapter, layers, custom, context, (train, heldout),
+                                  distill_cfg)
+            if plan.mode == "distill":
+                with context.attach(model):
+                    caches = collect_teacher(model, adapter, train, bs, distill_cfg.max_tokens,
+                                             scope=context.data_label, seed=distill_cfg.seed)
+                    sample = check_sample(heldout, distill_cfg.check_tokens, distill_cfg.seed)
+                    check = HeldoutCheck(model, adapter, sample, bs, context.data_label,
+                                         _store_dtype(source_dir(cfg), adapter, model))
+    finally:
+        swap.restore()
+    if plan.mode == "distill":
+        t0 = time.perf_counter()
+        plan.fate = train_routers(model, adapter, caches, distill_cfg, floor=min_agree, check=check)
+        metrics.update({**plan.fate.metrics, "distill/check_tokens": check.tokens})
+        metrics["distill/seconds"] = time.perf_counter() - t0
+        if plan.fate.outcome == "unreachable":
+            metrics["export/fate_known_s"] = time.perf_counter() - t_run
+            log.warning("%s. Measuring before/after anyway; the run will end with this error.", plan.refusal(min_agree))
+    metrics["export/mode"] = plan.mode
+
+    before = measure(model, adapter, heldout, bs, progress=progress, desc="before")
+    swap = substitute_routers(model, adapter, lambda layer: custom[layer.index], layers=sorted(custom))
     try:
         with context.attach(model):
             after = measure(model, adapter, heldout, bs, scope=context.data_label, progress=progress, desc="after")
             teacher = (record_selections(model, adapter, heldout, bs, scope=context.data_label)
-                       if mode in ("bias", "weights", "distill") else None)
+                       if plan.mode in ("bias", "weights", "distill") and not plan.refused_early else None)
             metrics.update(_report(before, after, roles, layers, out_dir, Path(str(cfg.model.path)).name,
                                    bool(opts.get("figures", True))))
-            if mode == "prune":
-                mask = {i: list(r.masked) for i, r in swap.routers.items()}  # exactly what ran in memory
-                metrics.update(export_pruned(model, adapter, Path(str(cfg.model.path)), _export_dir(cfg, out_dir),
+            if plan.mode == "prune":
+                mask = {i: list(r.masked) for i, r in custom.items()}  # exactly what ran in memory
+                metrics.update(export_pruned(model, adapter, source_dir(cfg), export_dir(cfg, out_dir),
                                              export_options(cfg), mask, heldout.input_ids[:2],
                                              allow_inexact=bool(opts.export.allow_inexact)))
                 metrics["export/done"] = True
                 return metrics
-            caches = None
-            if mode == "distill":
-                caches = collect_teacher(model, adapter, train, bs, distill_cfg.max_tokens, scope=context.data_label,
-                                         seed=distill_cfg.seed)
-                caches = {i: c for i, c in caches.items() if i in swap.routers}  # untouched layers stay as they are
     finally:
-        custom = dict(swap.routers)
         swap.restore()
-    if mode == "none":
+    if plan.mode == "none":
         return metrics
-    return _export(cfg, model, adapter, custom, mode, caches, teacher, heldout, distill_cfg, min_agree, metrics, out_dir)
+    if plan.refused_early:
+        _refuse(metrics, out_dir, plan.refusal(min_agree))
+    return _export(cfg, model, adapter, custom, plan, teacher, heldout, min_agree, metrics, out_dir, t_run)
 
 
-def _export(cfg, model, adapter, custom, mode, caches, teacher, heldout, distill_cfg, min_agree, metrics, out_dir):
+def _export(cfg, model, adapter, custom, plan, teacher, heldout, min_agree, metrics, out_dir, t_run):
     """Write the custom routers' standard-tensor equivalent into the model, check agreement, export."""
     bs = int(cfg.data.batch_size)
-    source = Path(str(cfg.model.path))
-    if mode == "bias":
+    source = source_dir(cfg)
+    if plan.mode == "bias" and plan.biases is not None:  # a role-aware router that is one static logit bias
+        write_static_bias(model, adapter, plan.biases, "logits")
+        metrics["export/exact"] = True
+    elif plan.mode == "bias":
         space = next(iter(custom.values())).space
         write_static_bias(model, adapter, {i: r.bias for i, r in custom.items()}, space)
-    elif mode == "weights":
+    elif plan.mode == "weights":
         write_router_tensors(model, adapter, {i: {"weight": r.new_weight} for i, r in custom.items()},
                              _store_dtype(source, adapter, model))
     else:
-        t0 = time.perf_counter()
-        new, dist_metrics = distill_routers(model, adapter, caches, distill_cfg)
-        write_router_tensors(model, adapter, new, _store_dtype(source, adapter, model))
-        metrics.update(dist_metrics)
-        metrics["distill/seconds"] = time.perf_counter() - t0
+        write_router_tensors(model, adapter, plan.fate.tensors, _store_dtype(source, adapter, model))
     layer_idx = [layer.index for layer in adapter.moe_layers(model)]
     student = record_selections(model, adapter, heldout, bs)
     metrics.update(agreement_metrics(teacher, student, layer_idx, "export/agreement"))
-    exported = evaluate_perplexity(model, heldout, bs, bool(cfg.progress), desc="exported")
-    metrics.update({f"exported/ppl/{g}": v for g, v in exported.ppl.items()})
     agree = metrics["export/agreement/all"]
     log.info("top-k agreement of the standard router with the custom one on held-out data: %.4f", agree)
-    if mode == "distill" and agree < min_agree:
-        metrics["export/done"] = False
-        _write_json(out_dir / "metrics.json", {"experiment": "role_router", **metrics})
-        raise ExportRefusedError(
-            f"distilled routers agree with the custom router on {agree:.1%} of held-out top-k selections, below "
-            f"role_router.export.min_agreement={min_agree:.0%}; no checkpoint was written (metrics.json has the "
-            "figures). Train longer (role_router.export.distill.steps), cache more tokens (distill.max_tokens), use "
-            "a gentler router (lower strength), or lower min_agreement if that is acceptable")
-    metrics.update(export_patched_model(model, adapter, source, _export_dir(cfg, out_dir), export_options(cfg),
+    metrics["export/fate_known_s"] = time.perf_counter() - t_run
+    if plan.mode == "distill" and agree < min_agree:
+        _refuse(metrics, out_dir, plan.refusal(min_agree, measured=agree))
+    exported = evaluate_perplexity(model, heldout, bs, bool(cfg.progress), desc="exported")
+    metrics.update({f"exported/ppl/{g}": v for g, v in exported.ppl.items()})
+    metrics.update(export_patched_model(model, adapter, source, export_dir(cfg, out_dir), export_options(cfg),
                                         probe_input_ids=heldout.input_ids[:2]))
     metrics["export/done"] = True
     return metrics
+
+
+def _refuse(metrics: dict, out_dir: Path, message: str) -> None:
+    """Nothing is exported: the figures go to metrics.json (export/done=false), then the run fails."""
+    log.error(message)
+    metrics["export/done"] = False
+    _write_json(out_dir / "metrics.json", {"experiment": "role_router", **metrics})
+    raise ExportRefusedError(message)
 
 
 def _store_dtype(source: Path, adapter, model) -> torch.dtype:
@@ -259,7 +301,3 @@ def _figures(before, after, bars: dict, short: list[str], out_dir: Path, model_n
         plot_usage(np.stack([sb[:, g].numpy(), sa[:, g].numpy()]), [f"{group} before", f"{group} after"], short,
                    out_dir / f"usage_before_after_{group}.png", title=f"{group}: expert usage before / after",
                    diff_of=(1, 0))
-
-
-def _export_dir(cfg: DictConfig, out_dir: Path) -> Path:
-    return Path(str(cfg.export.dir)) if cfg.export.get("dir") else out_dir / "checkpoint"

@@ -22,6 +22,22 @@ measured agreement.
 
 Agreement is measured end to end by the caller (agreement.py) on held-out data: later layers then
 see hidden states shaped by the student's earlier choices, as a deployed checkpoint would.
+
+Early decisions: all layers train in lockstep (step s of every layer, then step s+1), so the whole
+student exists after every step. Every `check_every` steps the caller's `check(tensors)` gives its
+agreement — experiment=role_router measures it end to end on a sample of held-out blocks, because
+the per-layer teacher-forced figure is not a safe stand-in: on the embedded model it was 0.007-0.009
+above the end-to-end one at every step count (errors compound over layers; more layers, more so).
+Given a floor (`train_routers(floor=...)`), the outcome is decided at the first check that allows it:
+- `reached`: the checked agreement is at least floor + `decision_margin` (capped at 1). Checking ends
+  there; training goes on to `steps` (the best student: on the embedded model stopping at step 25
+  instead of 300 cost 0.02 of held-out agreement), unless `stop_at_floor`;
+- `unreachable` (with `give_up`): after more than `patience` checks, the best figure so far plus its
+  recent gain per check, continued over every check left, stays below floor - `decision_margin`.
+  Learning curves flatten (and the learning rate decays), so the linear continuation usually
+  over-estimates what is left: a heuristic, not a bound. Training stops;
+- `budget`: neither, all `steps` ran.
+The margin covers the sampling error of the checked sample against the whole held-out split.
 """
 
 from __future__ import annotations
@@ -30,7 +46,7 @@ import logging
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +74,15 @@ class DistillConfig:
     kl_weight: float = 0.5
     train_bias: bool = True       # also train a router bias Parameter where the family has one (gpt_oss)
     seed: int = 0
+    check_every: int = 25         # steps between the caller's agreement checks
+    check_tokens: int = 16_384    # experiment=role_router: held-out tokens (whole blocks, per label) each check runs
+    give_up: bool = True          # with a floor: stop as soon as it is out of reach
+    stop_at_floor: bool = False   # with a floor: stop as soon as it is reached (else train all steps, unchecked)
+    patience: int = 3             # checks of recent gain the "out of reach" projection looks at
+    decision_margin: float = 0.01  # how far the checked figure must clear (or miss) the floor to stop early
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_tokens", "max_tokens"):
+        for key in ("steps", "batch_tokens", "max_tokens", "check_every", "check_tokens", "patience"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise RouterConfigError(f"distill.{key}={v!r}: expected a positive integer")
@@ -68,6 +90,9 @@ class DistillConfig:
             raise RouterConfigError(f"distill.lr={self.lr!r}: expected a positive learning rate, e.g. 1e-2")
         if self.kl_weight < 0 or self.margin < 0:
             raise RouterConfigError(f"distill.kl_weight={self.kl_weight}, distill.margin={self.margin}: expected >= 0")
+        if not 0 <= self.decision_margin < 1:
+            raise RouterConfigError(f"distill.decision_margin={self.decision_margin!r}: expected a share of top-k "
+                                    "selections in [0, 1), e.g. 0.01")
 
 
 @dataclass
@@ -157,53 +182,131 @@ def _params(layer: MoELayer, train_bias: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def distill_layer(layer: MoELayer, adapter: ArchAdapter, cache: TeacherCache, cfg: DistillConfig
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Train one router on its cache; returns (new float32 tensors by router attribute, stats)."""
-    router = layer.router
-    if is_substituted(router):
-        raise RouterConfigError(f"{layer.router_name} still routes through a custom router: restore the "
-                                "substitution before training the standard router")
-    params = _params(layer, cfg.train_bias)
-    device = router.weight.device
-    hidden = cache.hidden.to(device, torch.float32)
-    teacher, indices = cache.logits.to(device), cache.indices.to(device)
-    opt = torch.optim.Adam([p for p in params.values() if p.requires_grad], lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed + layer.index)
-    n = hidden.shape[0]
-    first = last = float("nan")
-    for step in range(cfg.steps):
-        for g in opt.param_groups:  # cosine decay to 10%: large steps first, then settle
+class _LayerStudent:
+    """One router's trainable tensors, optimizer and sampling stream: steps are taken one at a time so
+    that all layers can advance together."""
+
+    def __init__(self, layer: MoELayer, adapter: ArchAdapter, cache: TeacherCache, cfg: DistillConfig):
+        if is_substituted(layer.router):
+            raise RouterConfigError(f"{layer.router_name} still routes through a custom router: restore the "
+                                    "substitution before training the standard router")
+        self.layer, self.adapter, self.cfg = layer, adapter, cfg
+        self.params = _params(layer, cfg.train_bias)
+        self.device = layer.router.weight.device
+        self.hidden = cache.hidden.to(self.device, torch.float32)
+        self.teacher, self.indices = cache.logits.to(self.device), cache.indices.to(self.device)
+        self.opt = torch.optim.Adam([p for p in self.params.values() if p.requires_grad], lr=cfg.lr)
+        self.gen = torch.Generator().manual_seed(cfg.seed + layer.index)
+        self.first = self.last = float("nan")
+
+    def step(self, step: int) -> None:
+        cfg, n = self.cfg, self.hidden.shape[0]
+        for g in self.opt.param_groups:  # cosine decay to 10%: large steps first, then settle
             g["lr"] = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
-        rows = torch.randint(0, n, (min(cfg.batch_tokens, n),), generator=gen).to(device)
-        logits = functional_call(router, params, (hidden[rows],))[0].float()
-        loss = distill_loss(layer, adapter, logits, teacher[rows], indices[rows], cfg.margin, cfg.kl_weight)
-        opt.zero_grad(set_to_none=True)
+        rows = torch.randint(0, n, (min(cfg.batch_tokens, n),), generator=self.gen).to(self.device)
+        logits = functional_call(self.layer.router, self.params, (self.hidden[rows],))[0].float()
+        loss = distill_loss(self.layer, self.adapter, logits, self.teacher[rows], self.indices[rows], cfg.margin,
+                            cfg.kl_weight)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        last = float(loss.detach())
-        first = last if step == 0 else first
-    with torch.no_grad():
-        chosen = functional_call(router, params, (hidden,))[2]
-        agree = (indices.unsqueeze(-1) == chosen.unsqueeze(-2)).any(-1).float().mean()
-    return {k: v.detach() for k, v in params.items() if v.requires_grad}, {"first_loss": first, "final_loss": last,
-                                                        "teacher_forced_agreement": float(agree), "tokens": n}
+        self.opt.step()
+        self.last = float(loss.detach())
+        self.first = self.last if step == 0 else self.first
+
+    @torch.no_grad()
+    def agreement(self, hidden: torch.Tensor, indices: torch.Tensor) -> float:
+        """Teacher-forced top-k agreement (|S_teacher ∩ S_student| / k, averaged) on the given tokens."""
+        chosen = functional_call(self.layer.router, self.params, (hidden.to(self.device, torch.float32),))[2]
+        return float((indices.to(chosen.device).unsqueeze(-1) == chosen.unsqueeze(-2)).any(-1).float().mean())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.params.items() if v.requires_grad}
+
+
+@dataclass
+class DistillResult:
+    tensors: dict[int, dict[str, torch.Tensor]]  # {layer index: new float32 router tensors}
+    metrics: dict[str, float]
+    outcome: str = "budget"          # "reached" | "unreachable" | "budget" (see the module docstring)
+    steps_run: int = 0
+    decided_step: int | None = None  # the check that decided "reached" / "unreachable"
+    checked: float | None = None     # the last check's agreement (None: no check ran)
+    projected: float | None = None   # "unreachable": the optimistic projection that fell short
+    checks: list[tuple[int, float]] = field(default_factory=list)  # (step, checked agreement)
+
+
+class _FloorWatch:
+    """Decides from the checks whether training can stop: floor reached, or out of reach."""
+
+    def __init__(self, floor: float, cfg: DistillConfig):
+        self.floor, self.cfg, self.best = floor, cfg, []
+
+    def verdict(self, step: int, value: float) -> tuple[str | None, float | None]:
+        cfg = self.cfg
+        self.best.append(max(value, self.best[-1]) if self.best else value)
+        if step >= cfg.steps:
+            return None, None  # the budget is spent: nothing left to save
+        if value >= min(self.floor + cfg.decision_margin, 1.0):
+            return "reached", None
+        if not cfg.give_up or len(self.best) <= cfg.patience:
+            return None, None
+        gain = max(self.best[-1] - self.best[-1 - cfg.patience], 0.0) / cfg.patience
+        left = math.ceil((cfg.steps - step) / cfg.check_every)
+        projected = min(self.best[-1] + gain * left, 1.0)
+        return ("unreachable", projected) if projected < self.floor - cfg.decision_margin else (None, None)
+
+
+Check = Callable[[dict[int, dict[str, torch.Tensor]]], float]
+
+
+def train_routers(model, adapter: ArchAdapter, caches: dict[int, TeacherCache], cfg: DistillConfig,
+                  floor: float | None = None, check: Check | None = None) -> DistillResult:
+    """Train every cached layer's router, all layers in lockstep. With `check` (the current tensors -> an
+    agreement), check every `check_every` steps; with a floor too, until the outcome is decided."""
+    students = [_LayerStudent(layer, adapter, caches[layer.index], cfg)
+                for layer in adapter.moe_layers(model) if layer.index in caches]
+    watch = _FloorWatch(floor, cfg) if floor is not None and check is not None else None
+    result = DistillResult({}, {}, steps_run=cfg.steps)
+    for step in range(1, cfg.steps + 1):
+        for student in students:
+            student.step(step - 1)
+        if check is None or result.outcome != "budget" or (step % cfg.check_every and step < cfg.steps):
+            continue
+        result.checked = check({s.layer.index: s.tensors() for s in students})
+        result.checks.append((step, result.checked))
+        log.info("distill step %d/%d: top-k agreement %.4f on the check sample", step, cfg.steps, result.checked)
+        outcome, result.projected = watch.verdict(step, result.checked) if watch else (None, None)
+        if outcome:
+            result.outcome, result.decided_step = outcome, step
+            stop = outcome == "unreachable" or cfg.stop_at_floor
+            log.info("distillation: the floor %g is %s at step %d of %d%s", floor, "reached" if outcome == "reached"
+                     else f"out of reach (at most {result.projected:.4f} projected)", step, cfg.steps,
+                     "; stopping" if stop else "; training on to the last step, unchecked")
+            if stop:
+                result.steps_run = step
+                break
+    m = result.metrics
+    m.update({"distill/outcome": result.outcome, "distill/steps_run": result.steps_run,
+              "distill/decided_step": result.decided_step,
+              "distill/stopped_early_step": result.steps_run if result.steps_run < cfg.steps else None})
+    if result.checked is not None:
+        m["distill/checked_agreement"] = result.checked
+    for s in students:
+        i = s.layer.index
+        result.tensors[i] = s.tensors()
+        stats = {"first_loss": s.first, "final_loss": s.last,
+                 "teacher_forced_agreement": s.agreement(s.hidden, s.indices), "tokens": s.hidden.shape[0]}
+        m.update({f"distill/{k}/layer{i}": v for k, v in stats.items()})
+        log.info("distilled %s: loss %.4f -> %.4f, teacher-forced agreement %.3f on %d tokens", s.layer.router_name,
+                 s.first, s.last, stats["teacher_forced_agreement"], stats["tokens"])
+    return result
 
 
 def distill_routers(model, adapter: ArchAdapter, caches: dict[int, TeacherCache], cfg: DistillConfig
                     ) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, float]]:
-    """Train every cached layer's router; returns ({layer index: new tensors}, flat metrics)."""
-    new, metrics = {}, {}
-    for layer in adapter.moe_layers(model):
-        if layer.index not in caches:
-            continue
-        tensors, stats = distill_layer(layer, adapter, caches[layer.index], cfg)
-        new[layer.index] = tensors
-        for key, value in stats.items():
-            metrics[f"distill/{key}/layer{layer.index}"] = value
-        log.info("distilled %s: loss %.4f -> %.4f, teacher-forced agreement %.3f on %d tokens", layer.router_name,
-                 stats["first_loss"], stats["final_loss"], stats["teacher_forced_agreement"], stats["tokens"])
-    return new, metrics
+    """Train every cached layer's router for all `steps`; returns ({layer index: new tensors}, flat metrics)."""
+    result = train_routers(model, adapter, caches, cfg)
+    return result.tensors, result.metrics
 
 
 @torch.no_grad()
