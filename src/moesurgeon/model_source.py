@@ -11,7 +11,6 @@ source shards, sidecar files — reads one local directory.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -20,6 +19,8 @@ from pathlib import Path
 import torch
 
 from .arch import InvalidConfigError, UnsupportedModelError, get_adapter
+from .io import CheckpointError
+from .io.sidecar_files import read_json_object
 
 log = logging.getLogger("moesurgeon")
 
@@ -81,12 +82,9 @@ def read_config_json(model_dir: Path) -> dict:
         raise ModelLoadError(f"model.path={str(model_dir)!r} has no config.json: expected a Hugging Face model "
                              "directory (what save_pretrained writes)")
     try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{cfg_file} is not valid JSON ({e}); restore it from the original checkpoint") from None
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{cfg_file} holds a JSON {type(config).__name__}, expected an object")
-    return config
+        return read_json_object(cfg_file, fix="restore it from the original checkpoint")
+    except CheckpointError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def check_local_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:

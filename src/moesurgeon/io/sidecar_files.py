@@ -164,6 +164,18 @@ def _config_source(src_dir: Path) -> Path | None:
     return real
 
 
+def read_json_object(path: Path, *, label: Path | str | None = None, fix: str = "restore it") -> dict:
+    """A JSON file that must hold one object (config.json and friends); CheckpointError naming the file."""
+    label = label or path
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{label} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{label} holds a JSON {type(value).__name__}, expected an object; {fix}")
+    return value
+
+
 def write_config(src_dir: Path, dst_dir: Path, edits: dict) -> bool:
     """Write dst_dir/config.json: a byte-for-byte copy when there are no edits. Returns whether one was written."""
     src = src_dir / CONFIG
@@ -176,12 +188,7 @@ def write_config(src_dir: Path, dst_dir: Path, edits: dict) -> bool:
     if not edits:
         copy_file(str(real), str(dst_dir / CONFIG), fsync=False)
         return True
-    try:
-        config = json.loads(real.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{src} is not valid JSON ({exc}); fix it before applying config_edits") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{src} holds a JSON {type(config).__name__}, expected an object")
+    config = read_json_object(real, label=src, fix="fix it before applying config_edits")
     text = json.dumps(merge_config(config, edits), indent=2, ensure_ascii=False) + "\n"
     (dst_dir / CONFIG).write_text(text, encoding="utf-8")
     return True
