@@ -6,7 +6,7 @@
 Runs the whole command once per thread count per round, alternating (1, 2, 1, 2, ...), and reads
 `probe_tokens_per_s` from each run's metrics.json; prints the median per count and the per-round
 ratio. `--busy N` starts N busy-looping processes for the duration, as other jobs sharing the cores
-would. The default `threads=auto` follows from these figures (README of this folder, "Threads").
+would. The default `threads=auto` (free cores at start) follows from these figures (README of this folder, "Threads").
 """
 
 from __future__ import annotations

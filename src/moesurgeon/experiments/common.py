@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -24,10 +25,10 @@ from ..models import check_token_ids, load_config_dict, load_model, load_tokeniz
 
 log = logging.getLogger("moesurgeon")
 
-# Below this hidden size a CPU forward is a stream of small matmuls: thread start-up and sync cost more
-# than they save, and a second thread only competes with whatever else shares the cores. Measured in
-# experiments/router_usage/README.md ("Threads").
-SMALL_HIDDEN = 1024
+# threads=auto: torch's default (one thread per core) is right on an idle machine (the embedded model runs
+# 1.66x faster with 2 threads than 1 on 2 idle cores) and disastrous on a shared one (0.2x with 2 threads
+# when other jobs keep the cores busy: OpenMP threads spin waiting for a core). So auto counts the cores
+# that are free when the run starts. Figures: experiments/router_usage/README.md, "Threads".
 
 
 def setup(cfg: DictConfig) -> None:
@@ -36,8 +37,27 @@ def setup(cfg: DictConfig) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_threads(value, device: str, hidden_size: int | None) -> int | None:
-    """`threads`: an integer, or auto/null -> 1 for a small model on CPU, all usable cores for a large one;
+def _cpu_times() -> tuple[int, int]:
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+
+def busy_cores(sample_s: float = 0.25) -> int:
+    """Cores kept busy by other work, from /proc/stat over a short sample while this process waits
+    (a run queue count or load average also counts our own helper threads and lags behind)."""
+    try:
+        total0, idle0 = _cpu_times()
+        time.sleep(sample_s)
+        total1, idle1 = _cpu_times()
+    except (OSError, IndexError, ValueError):
+        return int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
+    cores = os.cpu_count() or 1
+    busy = 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+    return int(busy * cores + 0.5)
+
+
+def resolve_threads(value, device: str, busy: int | None = None) -> int | None:
+    """`threads`: an integer, or auto/null -> the usable cores not busy with other work (at least 1) on CPU;
     None (torch's default) when the model runs on an accelerator."""
     if value not in (None, "auto"):
         if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
@@ -46,13 +66,13 @@ def resolve_threads(value, device: str, hidden_size: int | None) -> int | None:
     if not device.startswith("cpu"):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 1 if (hidden_size or 0) < SMALL_HIDDEN else cores
+    return max(1, cores - (busy_cores() if busy is None else busy))
 
 
-def apply_threads(cfg: DictConfig, config: dict) -> None:
+def apply_threads(cfg: DictConfig) -> None:
     spec = model_spec(cfg)
     device = "cuda" if spec.device_map else resolve_device(spec.device)
-    n = resolve_threads(cfg.get("threads"), device, config.get("hidden_size"))
+    n = resolve_threads(cfg.get("threads"), device)
     if n is not None:
         torch.set_num_threads(n)
         log.info("torch threads: %d (threads=%s, device %s)", n, cfg.get("threads"), device)
@@ -105,7 +125,7 @@ def load_model_and_data(cfg: DictConfig, splits=("heldout",), only_labels=None, 
     blocks = load_tokenized(cfg, tokenizer, config, splits, only_labels)
     if exports:
         check_export_target(cfg, out_dir, config_only=exports == "config")
-    apply_threads(cfg, config)
+    apply_threads(cfg)
     model, tokenizer, adapter = load_model(spec, tokenizer)
     return model, tokenizer, adapter, blocks
 

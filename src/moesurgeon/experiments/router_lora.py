@@ -167,7 +167,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         check_export_target(cfg, out_dir, overwrite_default_dir=True)  # <run dir>/checkpoint: see below
 
     # ---- load
-    apply_threads(cfg, config)
+    apply_threads(cfg)
     model, tokenizer, adapter = load_model(model_spec(cfg), tokenizer)
     if accelerator.num_processes > 1:
         model.to(accelerator.device)
