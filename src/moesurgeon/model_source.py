@@ -71,9 +71,11 @@ def resolve_source(path: str, what: str = "model.path", cache_dir: str | None = 
     try:
         return Path(snapshot_download(path, allow_patterns=_DOWNLOAD_PATTERNS, cache_dir=cache_dir))
     except Exception as e:  # network, auth, missing repo: many exception types
+        reason = " ".join(str(e).split())[:160]  # one line: hub errors span several
         raise ModelLoadError(
-            f"{what}={path!r}: could not fetch it from the hub ({e.__class__.__name__}: {str(e)[:200]}). Offline? "
-            "Download it once and pass the local directory instead") from None
+            f"{what}={path!r} is not a local directory (looked at {local.absolute()}) and could not be fetched "
+            f"from the hub ({e.__class__.__name__}: {reason}). A typo in a path? Offline? Download it once "
+            "(`hf download ORG/NAME`) and pass the local directory") from None
 
 
 def read_config_json(model_dir: Path) -> dict:
