@@ -19,6 +19,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
     from .arch import InvalidConfigError, UnsupportedModelError
     from .data import DataError
+    from .experiments.role_router import ExportRefusedError
     from .io import CheckpointError
     from .lora.checkpointing import ResumeError
     from .lora.router_peft import RouterLoraError
@@ -27,14 +28,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from .reference.corpus import CorpusError
     from .routers.errors import RouterConfigError
 
-    types: list[type[BaseException]] = [
+    return (
         ConfigError, MissingMandatoryValue, InvalidConfigError, UnsupportedModelError, DataError, CheckpointError,
         ResumeError, RouterLoraError, TrainConfigError, ModelLoadError, CorpusError, RouterConfigError,
-    ]
-    try:
-        from .experiments.role_router import ExportRefusedError
-
-        types.append(ExportRefusedError)
-    except ImportError:  # role_router imports hydra utilities; never let that hide the other types
-        pass
-    return tuple(types)
+        ExportRefusedError,
+    )

@@ -90,12 +90,11 @@ def check_export_location(source_dir: Path, out_dir: Path, run_dir: Path | None,
                                   "metrics and logs the export would replace: leave export.dir=null "
                                   "(<run dir>/checkpoint) or choose a directory outside the run directory")
     with CheckpointReader(source_dir, allow_pickle=opts.allow_pickle) as reader:
-        shards = [reader.shard_real_path(s) for s in reader.shards()]
-        full = opts.mode == "full" or reader.format == "pickle"
-    if full:
-        needed = sum(p.stat().st_size for p in shards)
-    else:
-        needed = estimate_reuse_bytes(shards, out.parent, "copy" if rewrites_shards else opts.link)
+        if opts.mode == "full" or reader.format == "pickle":
+            needed = _checkpoint_bytes(reader)
+        else:
+            shards = [reader.shard_real_path(s) for s in reader.shards()]
+            needed = estimate_reuse_bytes(shards, out.parent, "copy" if rewrites_shards else opts.link)
     check_output_location(out, source_dir=source_dir, overwrite=opts.overwrite, needed_bytes=needed,
                           option_names=_OPTION_NAMES)
 

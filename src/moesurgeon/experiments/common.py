@@ -87,15 +87,21 @@ def export_dir(cfg: DictConfig, out_dir: Path) -> Path:
     return Path(str(cfg.export.dir)) if cfg.export.get("dir") else Path(out_dir) / "checkpoint"
 
 
+def export_target(cfg: DictConfig, out_dir: Path, *, overwrite_default_dir: bool = False):
+    """(directory, ExportOptions) of this run's export. overwrite_default_dir: <run dir>/checkpoint belongs to
+    this run, so a resumed run may replace it (an explicit export.dir still needs export.overwrite=true)."""
+    opts = export_options(cfg)
+    if overwrite_default_dir and not cfg.export.get("dir"):
+        opts.overwrite = True
+    return export_dir(cfg, out_dir), opts
+
+
 def check_export_target(cfg: DictConfig, out_dir: Path, *, overwrite_default_dir: bool = False,
                         config_only: bool = False) -> None:
     """Everything about the export target that can be known before the long work (see export.py)."""
     from ..export import check_export_location
 
-    opts = export_options(cfg)
-    target = export_dir(cfg, out_dir)
-    if overwrite_default_dir and not cfg.export.get("dir"):
-        opts.overwrite = True
+    target, opts = export_target(cfg, out_dir, overwrite_default_dir=overwrite_default_dir)
     check_export_location(source_dir(cfg), target, Path(out_dir), opts, rewrites_shards=not config_only)
 
 

@@ -35,7 +35,7 @@ from ..lora.train_config import fingerprint
 from ..models import check_token_ids, is_local, load_config_dict, load_model, load_tokenizer, resolve_device
 from ..probe import profile_usage, shift_metrics, usage_shift
 from ..viz import plot_layer_bars, plot_usage
-from .common import apply_threads, check_export_target, layer_short_names, load_tokenized, setup, source_dir
+from .common import apply_threads, check_export_target, export_target, layer_short_names, load_tokenized, setup, source_dir
 from .router_usage import write_usage_report
 
 log = logging.getLogger("moesurgeon")
@@ -205,16 +205,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         if bool(opts.get("export", True)):
             # Export first: it rounds the router weights in memory to the checkpoint's dtype (e.g. bf16),
             # so the "tuned" figures below describe exactly the checkpoint that was written.
-            from ..config import export_options  # the export modules load only when exporting
-            from ..export import export_patched_model
+            from ..export import export_patched_model  # the export modules load only when exporting
 
-            export_opts = export_options(cfg)
-            if cfg.export.get("dir"):
-                export_dir = Path(str(cfg.export.dir))
-            else:  # <run dir>/checkpoint belongs to this run: a resumed run may replace it
-                export_dir, export_opts.overwrite = out_dir / "checkpoint", True
+            target, export_opts = export_target(cfg, out_dir, overwrite_default_dir=True)
             metrics.update(export_patched_model(
-                merged, adapter, source_dir(cfg), export_dir, export_opts,
+                merged, adapter, source_dir(cfg), target, export_opts,
                 probe_input_ids=heldout.input_ids[:2],
             ))
             if metrics.get("export/tensors_replaced") == 0:
