@@ -33,7 +33,7 @@ def _names(option_names: Mapping[str, str] | None) -> dict[str, str]:
     return {**DEFAULT_OPTION_NAMES, **(option_names or {})}
 
 
-def check_not_nested(source_dir: Path, out_dir: Path) -> None:
+def check_not_nested(source_dir: Path, out_dir: Path, name: str = "out_dir") -> None:
     """Refuse out_dir inside (or equal to) source_dir, and source_dir inside out_dir.
 
     The first would copy the output into itself and modify the source dir; the
@@ -41,11 +41,11 @@ def check_not_nested(source_dir: Path, out_dir: Path) -> None:
     """
     src, out = Path(source_dir).resolve(), Path(out_dir).resolve()
     if out == src or src in out.parents:
-        raise CheckpointError(f"out_dir {out_dir} is inside the source checkpoint {source_dir}; the source is "
-                              "never modified: choose an out_dir outside it (e.g. a sibling directory)")
+        raise CheckpointError(f"{name} {out_dir} is inside the source checkpoint {source_dir}; the source is "
+                              f"never modified: choose an {name} outside it (e.g. a sibling directory)")
     if out in src.parents:
-        raise CheckpointError(f"the source checkpoint {source_dir} is inside out_dir {out_dir}; replacing "
-                              "out_dir would delete it: choose another out_dir")
+        raise CheckpointError(f"the source checkpoint {source_dir} is inside {name} {out_dir}; replacing "
+                              f"{name} would delete it: choose another {name}")
 
 
 def nearest_existing(path: Path) -> Path:
@@ -70,7 +70,7 @@ def check_output_location(out_dir: str | os.PathLike, *, source_dir: str | os.Pa
     names = _names(option_names)
     out = Path(out_dir).absolute()
     if source_dir is not None:  # first: "already exists" would be true, but the wrong advice
-        check_not_nested(Path(source_dir), out)
+        check_not_nested(Path(source_dir), out, names["out_dir"])
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise CheckpointError(f"{names['out_dir']} {out} already exists; pass {names['overwrite']} to replace it, "
                               "or choose a new directory")
