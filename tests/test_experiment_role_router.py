@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from moesurgeon.experiments.role_router import ExportRefusedError
+from moesurgeon.recipes.role_router import ExportRefusedError
 from moesurgeon.routers import RouterConfigError
 from moesurgeon.runner import run_experiment
 from test_experiment_router_usage import compose_cfg

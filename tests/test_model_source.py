@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from moesurgeon.config import config_dir, model_spec, register_resolvers
-from moesurgeon.experiments.common import resolve_threads
+from moesurgeon.recipes.common import resolve_threads
 from moesurgeon.models import ModelLoadError, ModelSpec, load_config_dict, load_model
 from moesurgeon.model_source import resolve_device, resolve_source
 from moesurgeon.runner import run_experiment

@@ -9,7 +9,7 @@ from collections import namedtuple
 import pytest
 from hydra import compose, initialize_config_dir
 
-import moesurgeon.experiments.common as common
+import moesurgeon.recipes.common as common
 from moesurgeon.config import config_dir, register_resolvers
 from moesurgeon.data import DataError
 from moesurgeon.io import CheckpointError

@@ -51,7 +51,7 @@ def test_reduced_build_via_experiment(tmp_path):
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moesurgeon.experiments.build_reference import run
+    from moesurgeon.recipes.build_reference import run
 
     cfg = OmegaConf.load(REPO / "conf/experiment/build_reference.yaml")
     assert cfg.task == "build_reference"

@@ -272,7 +272,7 @@ def test_experiment_end_to_end(lora_cfg, tmp_path, monkeypatch, caplog):
 
     # resume=true on the finished run trains no further step and gives the same figures; with a
     # guard that cannot pass (forced below any change) the run still ends and writes its metrics
-    monkeypatch.setattr("moesurgeon.experiments.router_lora.check_bound", lambda bound: -1.0)
+    monkeypatch.setattr("moesurgeon.recipes.router_lora.check_bound", lambda bound: -1.0)
     with caplog.at_level("ERROR", logger="moesurgeon"):
         again = run_experiment(lora_cfg("resume=true", "lora.usage_reports=false"), run)  # replaces <run>/checkpoint
     assert again["train/start_step"] == 4 and again["tuned/ppl/code"] == metrics["tuned/ppl/code"]

@@ -19,7 +19,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
     from .arch import InvalidConfigError, UnsupportedModelError
     from .data import DataError
-    from .experiments.role_router import ExportRefusedError
+    from .recipes.role_router import ExportRefusedError
     from .io import CheckpointError
     from .lora.checkpointing import ResumeError
     from .lora.router_peft import RouterLoraError

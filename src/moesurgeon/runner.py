@@ -44,7 +44,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     if main_process:
         (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log.info("experiment %s -> %s", task, out_dir)
-    module = importlib.import_module(f"moesurgeon.experiments.{task}")
+    module = importlib.import_module(f"moesurgeon.recipes.{task}")
     t0 = time.time()
     metrics = module.run(cfg, out_dir)
     metrics = {"experiment": task, "wall_s": round(time.time() - t0, 3), **metrics}
