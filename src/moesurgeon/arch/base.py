@@ -164,6 +164,39 @@ class ArchAdapter:
         logits = logits.float()
         return logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
 
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-token distribution over all experts [T, E], float32, summing to 1 (balance losses, KL):
+        the softmax, or the sigmoid scores normalised over the experts for sigmoid families."""
+        probs = self.probs_from_logits(logits)
+        if self.scoring == "sigmoid":
+            probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        return probs
+
+    def log_distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """log of `distribution`, computed stably (-inf stays -inf for masked experts)."""
+        if self.scoring == "sigmoid":
+            s = logits.float().sigmoid().clamp_min(1e-30)
+            return (s / s.sum(-1, keepdim=True)).log()
+        return logits.float().log_softmax(dim=-1)
+
+    def choice_bias(self, layer: MoELayer) -> torch.Tensor | None:
+        """The bias the family adds to the scores for the choice only (not the weights), or None."""
+        return None
+
+    def choice_scores(self, layer: MoELayer, logits: torch.Tensor) -> torch.Tensor:
+        """The per-expert values the family's top-k ranks, before any group limit [T, E]: the logits
+        (softmax families rank logits and probabilities alike), or sigmoid score + choice bias."""
+        bias = self.choice_bias(layer)
+        if self.scoring == "sigmoid":
+            scores = logits.float().sigmoid()
+            return scores + bias.float() if bias is not None else scores
+        return logits
+
+    def choice_in_score_space(self, layer: MoELayer) -> bool:
+        """True when the choice compares bounded scores in [0, 1] (+ bias), not logits: margins on
+        choice values are then on a ~0.1 scale rather than ~1."""
+        return self.scoring == "sigmoid" or self.choice_bias(layer) is not None
+
     def routing(self, layer: MoELayer, output) -> Routing:
         logits, weights, indices = output[0], output[1], output[2]
         return Routing(

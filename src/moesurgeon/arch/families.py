@@ -56,6 +56,10 @@ class DeepseekV3Adapter(ArchAdapter):
     scoring = "sigmoid"
     num_experts_keys = ("n_routed_experts", "num_local_experts")
 
+    def choice_bias(self, layer: MoELayer) -> torch.Tensor | None:
+        bias = getattr(layer.router, "e_score_correction_bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
+
     def max_top_k(self, layer: MoELayer) -> int:
         # Selection only looks inside the `topk_group` best groups: a larger k would silently
         # pick masked experts (-inf scores), so refuse it.
