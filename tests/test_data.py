@@ -11,7 +11,6 @@ import json
 import datasets
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from moesurgeon.data import (
@@ -24,29 +23,12 @@ from moesurgeon.data import (
     pad_token_id,
     tokenize_blocks,
 )
-
-WORDS = "def return import class x y sum proof lemma theorem integral hello world the a".split()
-SPECIALS = ["<pad>", "</s>", "<s>", "[UNK]"]
-
-
-def _word_tokenizer(*, pad: bool = True, eos: bool = True, bos_template: bool = False) -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    kwargs = {"unk_token": "[UNK]"}
-    if bos_template:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-        kwargs["bos_token"] = "<s>"
-    if pad:
-        kwargs["pad_token"] = "<pad>"
-    if eos:
-        kwargs["eos_token"] = "</s>"
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+from helpers_data import SPECIALS, WORDS, word_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    return _word_tokenizer()
+    return word_tokenizer()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -172,16 +154,16 @@ def test_select_batches_and_given_label_names(tokenizer):
 
 
 def test_pad_id_fallbacks():
-    assert pad_token_id(_word_tokenizer()) == 0  # <pad>
-    assert pad_token_id(_word_tokenizer(pad=False)) == 1  # </s>
-    assert pad_token_id(_word_tokenizer(pad=False, eos=False)) == 0
-    blocks = tokenize_blocks([Example("x")], _word_tokenizer(pad=False), 3)
+    assert pad_token_id(word_tokenizer()) == 0  # <pad>
+    assert pad_token_id(word_tokenizer(pad=False)) == 1  # </s>
+    assert pad_token_id(word_tokenizer(pad=False, eos=False)) == 0
+    blocks = tokenize_blocks([Example("x")], word_tokenizer(pad=False), 3)
     x_id = len(SPECIALS) + WORDS.index("x")
     assert blocks.input_ids[0].tolist() == [x_id, 1, 1]  # padded with </s>, masked out
 
 
 def test_bos_only_when_the_tokenizer_adds_it(tokenizer):
-    bos_tok = _word_tokenizer(bos_template=True)
+    bos_tok = word_tokenizer(bos_template=True)
     blocks = tokenize_blocks([Example(_words(3))], bos_tok, 2)
     assert blocks.input_ids[0, 0].item() == bos_tok.bos_token_id  # once, at the example start
     assert blocks.attention_mask.sum().item() == 4

@@ -13,9 +13,9 @@ import tracemalloc
 
 import datasets
 import pytest
-from test_data import _word_tokenizer
 
 from moesurgeon.data import DataError, DataSpec, Example, load_blocks, load_examples, tokenize_blocks
+from helpers_data import word_tokenizer
 
 FIX_LABEL = "every record needs a label"  # shared by every "no label" message
 
@@ -166,7 +166,7 @@ def test_max_examples_reads_a_big_file_without_holding_it(tmp_path):
 
 
 def test_tokenizing_keeps_no_python_list_per_block(tmp_path):
-    tokenizer = _word_tokenizer()
+    tokenizer = word_tokenizer()
     examples = [Example(" ".join(["x", "def", "lemma"] * 10_000), "code") for _ in range(6)]
     per_example = len(examples[0].text.split())
     total = per_example * len(examples)

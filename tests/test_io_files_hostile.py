@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_io_reader import make_checkpoint
+from helpers_io import make_checkpoint
 
 from moesurgeon.io import CheckpointError, CheckpointReader, Patch, write_patched_checkpoint
 from moesurgeon.io import output_checks

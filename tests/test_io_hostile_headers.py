@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_io_reader import all_tensors, make_checkpoint, tiny_moe_tensors
+from helpers_io import all_tensors, make_checkpoint, tiny_moe_tensors
 
 from moesurgeon.io import CheckpointError, CheckpointReader, Patch, read_header, write_patched_checkpoint
 from moesurgeon.io import patch_writer as writer_module

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_io_reader import all_tensors, make_checkpoint, tiny_moe_tensors
+from helpers_io import all_tensors, make_checkpoint, tiny_moe_tensors
 
 from moesurgeon.io import CheckpointError, CheckpointReader, Patch, write_patched_checkpoint
 from moesurgeon.io import file_copy as file_copy_module

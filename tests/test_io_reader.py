@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,52 +11,7 @@ from safetensors.torch import save_file
 
 from moesurgeon.io import CheckpointError, CheckpointReader, read_header
 from moesurgeon.io import checkpoint_reader as reader_module
-
-
-def tiny_moe_tensors(seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """Three shards of a 2-layer, 4-expert MoE-like checkpoint (bf16 experts/routers, f32 norms)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, dtype=torch.bfloat16):
-        return torch.randn(*shape, generator=g).to(dtype)
-
-    shards: dict[str, dict[str, torch.Tensor]] = {}
-    for layer in range(2):
-        s = {f"model.layers.{layer}.mlp.gate.weight": rnd(4, 8)}
-        for e in range(4):
-            s[f"model.layers.{layer}.mlp.experts.{e}.down_proj.weight"] = rnd(8, 6)
-        shards[f"model-0000{layer + 1}-of-00003.safetensors"] = s
-    shards["model-00001-of-00003.safetensors"]["model.embed_tokens.weight"] = rnd(16, 8)
-    shards["model-00003-of-00003.safetensors"] = {"model.norm.weight": rnd(8, dtype=torch.float32),
-                                                  "lm_head.weight": rnd(16, 8, dtype=torch.float32)}
-    return shards
-
-
-def make_checkpoint(root: Path, shards: dict[str, dict[str, torch.Tensor]] | None = None, *,
-                    index: bool = True, config: dict | None = None) -> Path:
-    """Write shards + model.safetensors.index.json + config.json + a few sidecar files into root."""
-    shards = tiny_moe_tensors() if shards is None else shards
-    root.mkdir(parents=True, exist_ok=True)
-    weight_map, total = {}, 0
-    for shard, tensors in shards.items():
-        save_file(tensors, str(root / shard), metadata={"format": "pt"})
-        for name, t in tensors.items():
-            weight_map[name] = shard
-            total += t.numel() * t.element_size()
-    if index:
-        (root / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    cfg = config if config is not None else {"model_type": "toy_moe", "num_experts_per_tok": 2,
-                                             "rope_scaling": {"type": "yarn", "factor": 4.0}, "vocab_size": 16}
-    (root / "config.json").write_text(json.dumps(cfg, indent=2))
-    (root / "tokenizer.json").write_text('{"version": "1.0"}')
-    (root / "extra").mkdir(exist_ok=True)
-    (root / "extra" / "notes.txt").write_text("sidecar in a subdirectory\n")
-    return root
-
-
-def all_tensors(shards):
-    return {n: t for s in shards.values() for n, t in s.items()}
+from helpers_io import all_tensors, make_checkpoint, tiny_moe_tensors
 
 
 def test_reads_index_headers_and_tensors(tmp_path):

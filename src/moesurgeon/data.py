@@ -10,8 +10,9 @@ user-supplied path into ``TokenBlocks``:
   it and the block type live in ``moesurgeon.data_blocks`` and are re-exported here;
 * ``load_blocks`` does both after checking ``block_size`` against the model.
 
-Supported sources (``format="auto"`` picks one from the path; the readers live in
-``moesurgeon.data_readers``, which also states the encoding, line and label rules):
+Supported sources (``format="auto"`` picks one from the path in ``moesurgeon.data_readers``;
+the readers live in ``data_files`` and ``data_datasets``, which state the encoding and line rules,
+and the label rules are in ``data_records``):
 
 * ``text``  -- a ``.txt`` file or a directory of ``.txt`` files (not recursive).
   Each file is ONE example; with ``label_field="filename"`` its label is the
@@ -38,7 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .data_blocks import BlockBuilder, TokenBlocks, pad_token_id, tokenize_blocks, validate_block_size
-from .data_readers import DataError, Example, open_source
+from .data_readers import open_source
+from .data_records import DataError, Example
 
 __all__ = ["DataError", "DataSpec", "Example", "TokenBlocks", "iter_examples", "load_examples", "tokenize_blocks",
            "load_blocks", "validate_block_size", "pad_token_id"]

@@ -10,7 +10,7 @@ Memory: examples are tokenized in batches of about ``_BATCH_CHARS`` characters, 
 ids are kept as one int32 tensor until ``BlockBuilder.finish`` copies them into the preallocated
 output, so the peak is about the output plus the largest example's tokenization.
 
-This module depends on ``data_readers`` (``DataError``, ``Example``) but not on ``data``, which
+This module depends on ``data_records`` (``DataError``, ``Example``) but not on ``data``, which
 re-exports every public name here; import them from ``moesurgeon.data``.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .data_readers import DataError, Example
+from .data_records import DataError, Example
 
 __all__ = ["BlockBuilder", "TokenBlocks", "pad_token_id", "tokenize_blocks", "validate_block_size"]
 

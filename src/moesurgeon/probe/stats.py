@@ -99,10 +99,6 @@ class UsageStats:
         c = self.counts.double()
         return c / c.sum(dim=-1, keepdim=True).clamp_min(1)
 
-    def mean_prob(self) -> torch.Tensor:
-        """[L, G, E]: mean router score per expert."""
-        return self.prob_sum / self.tokens.double().unsqueeze(-1).clamp_min(1)
-
     def mean_entropy_bits(self) -> torch.Tensor:
         """[L, G]: mean per-token routing entropy in bits."""
         return self.entropy_sum / self.tokens.double().clamp_min(1)

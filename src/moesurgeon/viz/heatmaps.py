@@ -1,9 +1,10 @@
-"""Static PNG figures for router statistics: usage heatmaps, co-activation, sweeps, per-layer bars.
+"""Heatmap figures for router statistics: layer x expert usage per group, and expert co-activation.
 
 Inputs are numpy arrays (or lists) with documented shapes; a wrong shape raises a
 ``ValueError`` that names the shape received and the one expected. Figures are built
 with ``matplotlib.figure.Figure`` directly: no pyplot, so no global backend state and
-nothing is shown on screen; saving uses the Agg renderer whatever the backend is.
+nothing is shown on screen; saving uses the Agg renderer whatever the backend is. Line and bar
+plots (top-k sweeps, per-layer values) are in ``moesurgeon.viz.plots``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogFormatter, MaxNLocator
+from matplotlib.ticker import MaxNLocator
 
-__all__ = ["plot_usage", "plot_coactivation", "conditional_coactivation", "plot_lines", "plot_layer_bars"]
+from .saving import save_figure
+
+__all__ = ["plot_usage", "plot_coactivation", "conditional_coactivation", "check_usage", "contrast_panels"]
 
 # Grey for NaN cells (never-selected experts, the co-activation diagonal) so they
 # are not mistaken for a low value on either colormap.
@@ -25,13 +28,6 @@ _BAD = "#c8c8c8"
 _SEQUENTIAL = colormaps["viridis"].with_extremes(bad=_BAD)
 _DIVERGING = colormaps["RdBu_r"].with_extremes(bad=_BAD)
 _MAX_COLS = 4
-
-
-def _save(fig: Figure, path: Path | str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
 
 
 def _positive_max(a: np.ndarray) -> float:
@@ -153,15 +149,16 @@ def plot_usage(
         span = max(_positive_max(np.abs(d)) for d, _ in contrasts)
         _heat_grid(bottom, contrasts, layer_names, cmap=_DIVERGING, vmin=-span, vmax=span,
                    cbar_label=f"difference in {value_label}", heading="difference (red: more, blue: less)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def conditional_coactivation(coact: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
     """``P(j | i) = coact[i, j] / n_i`` from co-selection counts ``coact [E, E]``.
 
     ``n_i`` (tokens that selected expert i) is ``counts`` if given, else the diagonal
-    of ``coact``; a matrix that is already conditional (unit diagonal) passes through. The diagonal of the result (always 1) and rows of never-selected
-    experts are NaN, so plots can grey them out instead of drawing a trivial 1.
+    of ``coact``; a matrix that is already conditional (unit diagonal) passes through. The
+    diagonal of the result (always 1) and rows of never-selected experts are NaN, so plots
+    can grey them out instead of drawing a trivial 1.
     """
     coact = np.asarray(coact, dtype=float)
     if coact.ndim != 2 or coact.shape[0] != coact.shape[1]:
@@ -198,94 +195,4 @@ def plot_coactivation(
     ax.set_ylabel("expert i (selected)")
     ax.set_title(title, fontsize=11)
     fig.colorbar(im, ax=ax, shrink=0.85, label="P(j | i)   (grey: diagonal / expert i never selected)")
-    return _save(fig, path)
-
-
-def _check_series(name: str, series: dict[str, Sequence[float]], n: int) -> None:
-    for key, ys in series.items():
-        if len(ys) != n:
-            raise ValueError(f"{name}[{key!r}] has {len(ys)} values but x has {n}; give one value per x")
-
-
-def plot_lines(
-    x: Sequence[float],
-    series: dict[str, Sequence[float]],
-    path: Path | str,
-    *,
-    xlabel: str,
-    ylabel: str,
-    title: str,
-    logy: bool = False,
-    secondary: dict[str, Sequence[float]] | None = None,
-    secondary_ylabel: str | None = None,
-) -> Path:
-    """Sweep plot: one line per series (e.g. perplexity per domain vs top-k).
-
-    ``secondary`` series (e.g. tokens/s) go on a right-hand axis, dashed, sharing the legend.
-    """
-    if not series:
-        raise ValueError("series is empty; give at least one {name: values} entry")
-    _check_series("series", series, len(x))
-    _check_series("secondary", secondary or {}, len(x))
-    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    for name, ys in series.items():
-        ax.plot(x, ys, marker="o", label=name)
-    if logy:
-        ax.set_yscale("log")
-        # Plain numbers ("20", "30") read better than 2x10^1 for perplexities;
-        # LogFormatter still thins minor labels on wide ranges.
-        ax.yaxis.set_major_formatter(LogFormatter())
-        ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.5)))
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=11)
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if secondary:
-        ax2 = ax.twinx()
-        for name, ys in secondary.items():
-            ax2.plot(x, ys, marker="s", linestyle="--", color="0.35", label=name)
-        ax2.set_ylabel(secondary_ylabel or ", ".join(secondary))
-        h2, l2 = ax2.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    if all(float(v).is_integer() for v in x):  # e.g. top-k: no 2.5 ticks
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(handles, labels, fontsize=8, loc="best")
-    return _save(fig, path)
-
-
-def plot_layer_bars(
-    values: dict[str, Sequence[float]],
-    layer_names: list[str],
-    path: Path | str,
-    *,
-    ylabel: str,
-    title: str,
-) -> Path:
-    """Grouped bars per layer (e.g. routing entropy or divergence between domains)."""
-    if not values:
-        raise ValueError("values is empty; give at least one {name: per-layer values} entry")
-    for key, ys in values.items():
-        if len(ys) != len(layer_names):
-            raise ValueError(f"values[{key!r}] has {len(ys)} entries but there are {len(layer_names)} layer_names")
-    n_layers, n_series = len(layer_names), len(values)
-    fig = Figure(figsize=(min(max(n_layers * 0.3 * max(1.0, n_series / 2), 6.0), 18.0), 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    width = 0.8 / n_series
-    pos = np.arange(n_layers)
-    for k, (name, ys) in enumerate(values.items()):
-        ax.bar(pos + (k - (n_series - 1) / 2) * width, ys, width=width, label=name)
-    step = max(1, math.ceil(n_layers / 40))
-    ax.set_xticks(pos[::step])
-    long_names = max(len(n) for n in layer_names) > 3
-    ax.set_xticklabels([layer_names[i] for i in pos[::step]], rotation=60 if long_names else 0,
-                       ha="right" if long_names else "center", fontsize=8)
-    ax.set_xlim(-0.6, n_layers - 0.4)
-    ax.set_xlabel("layer")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=11)
-    ax.grid(axis="y", alpha=0.3)
-    if n_series > 1:
-        ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
