@@ -1,4 +1,4 @@
-"""RouterUsageProbe: exact counts, padding exclusion, label groups, co-activation, hook hygiene."""
+"""RouterUsageProbe and profile_usage: exact counts, padding exclusion, label groups, co-activation, hook hygiene."""
 
 import json
 
@@ -137,3 +137,31 @@ def test_trace_file(tmp_path):
     assert {r["layer"] for r in rows} == {l.router_name for l in probe.layers}
     assert all(r["token_id"] == int(ids[r["example"], r["position"]]) for r in rows)
     assert all(len(r["experts"]) == 2 for r in rows)
+
+
+def test_profile_usage_equals_the_probe_run_by_hand(tmp_path):
+    """profile_usage (the probe's hooks under run_blocks) gives exactly what the probe gives by hand."""
+    from moesurgeon.data import TokenBlocks
+    from moesurgeon.probe import profile_usage
+    from moesurgeon.probe.stats import TENSORS
+
+    model = tiny_model("deepseek_v3")
+    adapter = get_adapter(model)
+    ids = torch.randint(3, 96, (5, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 3:] = 0
+    mask[4, 5:] = 0
+    labels = torch.tensor([1, 0, -1, 1, 0])  # the unlabelled block counts in the first group
+    blocks = TokenBlocks(ids, mask, labels, ["a", "b"])
+    stats, tokens_per_s = profile_usage(model, adapter, blocks, 3, trace_path=tmp_path / "run.jsonl", progress=False)
+    with RouterUsageProbe(model, adapter, group_names=["a", "b"], trace_path=tmp_path / "hand.jsonl") as probe:
+        for rows in (slice(0, 3), slice(3, 5)):
+            with probe.batch(attention_mask=mask[rows], label_ids=labels[rows].clamp_min(0), input_ids=ids[rows]):
+                model(input_ids=ids[rows], attention_mask=mask[rows])
+    for name in TENSORS:
+        assert torch.equal(getattr(stats, name), getattr(probe.stats, name)), name
+    assert stats.tokens[0].tolist() == [3 + 7 + 5, 7 + 7]
+    assert (tmp_path / "run.jsonl").read_text() == (tmp_path / "hand.jsonl").read_text()
+    assert tokens_per_s > 0
+    with pytest.raises(ValueError, match="no token blocks to profile"):
+        profile_usage(model, adapter, TokenBlocks(ids[:0], mask[:0], labels[:0], ["a", "b"]), progress=False)

@@ -59,3 +59,29 @@ def test_distill_refuses_substituted_router_and_bad_config():
     with pytest.raises(RouterConfigError, match=r"distill.steps=0: expected a positive integer"):
         DistillConfig(steps=0)
     assert len(sample_blocks(blocks(n=40), max_tokens=100)) == 7  # whole blocks of 16 tokens, just past 100
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_distill_loss_ranks_in_the_family_choice_space(family):
+    """Softmax families rank logits with a margin of 1; deepseek_v3 ranks sigmoid + correction bias, x10."""
+    from moesurgeon.routers.distill import distill_loss
+
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    layer = adapter.moe_layers(model)[0]
+    student = torch.tensor([[2.0, 0.5, -1.0, 0.0, 0.1, -0.3, 1.0, 0.2]])
+    indices = torch.tensor([[0, 6]])
+    if family == "deepseek_v3":
+        c = (student.sigmoid() + layer.router.e_score_correction_bias.float()) / 0.1
+    else:
+        c = student
+    others = [e for e in range(8) if e not in (0, 6)]
+    pairs = [torch.nn.functional.softplus(1.0 - (c[0, s] - c[0, o])) for s in (0, 6) for o in others]
+    expected = torch.stack(pairs).mean()
+    got = distill_loss(layer, adapter, student, student, indices, margin=1.0, kl_weight=0.0)
+    assert torch.allclose(got, expected, rtol=1e-6)
+    # the KL term is zero when student and teacher agree, positive otherwise
+    same = distill_loss(layer, adapter, student, student, indices, margin=1.0, kl_weight=1.0)
+    assert torch.allclose(same, expected, atol=1e-6)
+    apart = distill_loss(layer, adapter, student, -student, indices, margin=1.0, kl_weight=1.0)
+    assert float(apart) > float(same) + 0.1

@@ -50,3 +50,13 @@ def test_prototype_errors():
         prototype_weight(w, 0, roles, {"a": torch.randn(32)}, "mix", alpha=1.5)
     with pytest.raises(RouterConfigError, match=r"mode='blend': expected one of"):
         prototype_weight(w, 0, roles, {"a": torch.randn(32)}, "blend")
+
+
+def test_prototype_router_declares_its_export_and_resources():
+    import inspect
+
+    assert PrototypeRouter.exact_export == "weights"
+    # the resources are exactly the constructor's run-time objects: not layer/adapter, not config values
+    params = set(inspect.signature(PrototypeRouter.__init__).parameters) - {"self", "layer", "adapter"}
+    config_values = {"mode", "alpha", "gain"}
+    assert set(PrototypeRouter.resources) == params - config_values == {"roles", "prototypes"}

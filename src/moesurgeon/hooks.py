@@ -2,6 +2,8 @@
 
 Every module hook moesurgeon installs goes through `forward_hooks`, so no handle outlives the
 `with` block, also when the body raises. `count_hooks` lets tests assert that none remain.
+Measurements register theirs through `block_runner.run_blocks`, which uses `forward_hooks` and also
+hands each hook the batch in flight (its real-token mask).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+from ..evaluate import relative_change
+
 log = logging.getLogger("moesurgeon")
 
 
@@ -23,7 +25,7 @@ def regression_guard(baseline: dict[str, float], tuned: dict[str, float], target
                      bound: float) -> dict:
     """Flat metrics: target/*, guard/*. `target=None`: tuned on everything, every domain is guarded."""
     groups = [g for g in baseline if g != "all" and g in tuned]
-    change = {g: tuned[g] / baseline[g] - 1.0 for g in list(groups) + ["all"] if g in baseline and g in tuned}
+    change = relative_change(tuned, baseline)
     target_key = target if target is not None else "all"
     others = [g for g in groups if g != target] if target is not None else groups
     worst = max(others, key=lambda g: change[g]) if others else None

@@ -1,21 +1,16 @@
-"""Run a model over token blocks under a RouterUsageProbe: the one loop every experiment uses."""
+"""profile_usage: router-usage statistics of a model over token blocks (a RouterUsageProbe under run_blocks)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
 from ..arch import ArchAdapter
+from ..block_runner import Scope, run_blocks
 from ..data import TokenBlocks
-from ..models import input_device
 from .stats import UsageStats
 from .usage_probe import RouterUsageProbe
 
 
-@torch.no_grad()
 def profile_usage(
     model,
     adapter: ArchAdapter,
@@ -25,29 +20,18 @@ def profile_usage(
     trace_max_tokens: int = 100_000,
     progress: bool = True,
     desc: str = "profile",
+    *,
+    by_label: bool = False,
+    scope: Scope | None = None,
 ) -> tuple[UsageStats, float]:
-    """Return (usage statistics grouped by the blocks' labels, tokens/s of the probed forward)."""
+    """Return (usage statistics grouped by the blocks' labels, tokens/s of the probed forward).
+
+    `by_label` / `scope`: batch one label group at a time, inside `scope(label)` (see `run_blocks`)."""
     if len(blocks) == 0:
         raise ValueError("no token blocks to profile: the dataset produced no blocks")
-    device = input_device(model)
-    groups = blocks.label_names or ["all"]
-    tokens = 0
-    elapsed = 0.0
-    with RouterUsageProbe(model, adapter, group_names=groups, trace_path=trace_path, trace_max_tokens=trace_max_tokens) as probe:
-        bar = tqdm(total=blocks.num_tokens(), desc=desc, unit="tok", unit_scale=True, disable=not progress, leave=False)
-        for batch in blocks.batches(batch_size):
-            ids = batch["input_ids"].to(device)
-            mask = batch["attention_mask"].to(device)
-            labels = batch["label_ids"].clamp_min(0).to(device)
-            t0 = time.perf_counter()
-            with probe.batch(attention_mask=mask, label_ids=labels, input_ids=ids):
-                model(input_ids=ids, attention_mask=mask)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            elapsed += time.perf_counter() - t0
-            n = int(mask.sum())
-            tokens += n
-            bar.update(n)
-        bar.close()
-        stats = probe.stats
-    return stats, tokens / max(elapsed, 1e-9)
+    probe = RouterUsageProbe(model, adapter, group_names=blocks.label_names or ["all"], trace_path=trace_path,
+                             trace_max_tokens=trace_max_tokens)
+    with probe.tracing():
+        done = run_blocks(model, blocks, batch_size, hooks=probe.hooks(), by_label=by_label, scope=scope,
+                          progress=progress, desc=desc)
+    return probe.stats, done.tokens_per_s

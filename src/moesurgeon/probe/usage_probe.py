@@ -1,13 +1,18 @@
 """RouterUsageProbe: hook every router, accumulate usage statistics while the model runs.
 
+    stats, tokens_per_s = profile_usage(model, adapter, blocks)    # through block_runner.run_blocks
+
+or by hand, telling the probe which tokens of each forward are real and which group each row is in:
+
     with RouterUsageProbe(model, adapter, group_names=["code", "math"]) as probe:
         for batch in batches:
             with probe.batch(attention_mask=batch["attention_mask"], label_ids=batch["label_ids"]):
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     stats = probe.stats            # UsageStats, on the CPU
 
-Accumulation is streaming: memory depends on layers x groups x experts^2, never on the number of
-tokens. Padding is excluded through the attention mask given to `probe.batch`. Accumulators live on
+`probe.hooks()` are block-runner hooks (they read the `Batch` in flight); `with probe:` registers the
+same hooks itself. Accumulation is streaming: memory depends on layers x groups x experts^2, never on
+the number of tokens. Padding is excluded through the batch's attention mask. Accumulators live on
 the router's device so no per-batch host sync is needed. Hooks are removed on exit, also after an
 exception. Records are keyed by each router's fully qualified module name.
 """
@@ -23,6 +28,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchAdapter, MoELayer
+from ..block_runner import Batch, BatchHook, BatchSlot
 from ..hooks import forward_hooks
 from .stats import UsageStats, entropy_bits
 
@@ -49,19 +55,32 @@ class RouterUsageProbe:
         self._trace_written = 0
         self._trace_file = None
         self._stats: UsageStats | None = None
-        self._mask: torch.Tensor | None = None  # [T] bool, flattened batch
-        self._groups: torch.Tensor | None = None  # [T] int64
-        self._input_ids: torch.Tensor | None = None
+        self._slot = BatchSlot()  # the batch given to `probe.batch()`, for hooks registered by `with probe:`
         self._stack: ExitStack | None = None
 
     # ------------------------------------------------------------------ lifecycle
+    def hooks(self) -> list[tuple[nn.Module, BatchHook]]:
+        """One block-runner hook per router: accumulate what it routed for the real tokens of the batch."""
+        return [(layer.router, self._make_hook(pos, layer)) for pos, layer in enumerate(self.layers)]
+
+    @contextmanager
+    def tracing(self) -> Iterator[None]:
+        """Open the trace file (when `trace_path` was given) for the forwards run inside."""
+        if self.trace_path is None:
+            yield
+            return
+        with open(self.trace_path, "w", encoding="utf-8") as f:
+            self._trace_file = f
+            try:
+                yield
+            finally:
+                self._trace_file = None
+
     def __enter__(self) -> "RouterUsageProbe":
         stack = ExitStack()
         try:
-            pairs = [(layer.router, self._make_hook(pos, layer)) for pos, layer in enumerate(self.layers)]
-            stack.enter_context(forward_hooks(pairs))
-            if self.trace_path is not None:
-                self._trace_file = stack.enter_context(open(self.trace_path, "w", encoding="utf-8"))
+            stack.enter_context(forward_hooks([(module, self._slot.bind(fn)) for module, fn in self.hooks()]))
+            stack.enter_context(self.tracing())
         except BaseException:
             stack.close()
             raise
@@ -70,7 +89,6 @@ class RouterUsageProbe:
 
     def __exit__(self, *exc) -> None:
         stack, self._stack = self._stack, None
-        self._trace_file = None
         if stack is not None:
             stack.close()
 
@@ -81,21 +99,22 @@ class RouterUsageProbe:
         label_ids: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
     ) -> Iterator[None]:
-        """Tell the probe which tokens of the next forward are real and which group each row is in."""
-        try:
-            if attention_mask is not None:
-                self._mask = attention_mask.reshape(-1).bool()
+        """Tell the probe which tokens of the next forward are real and which group each row is in.
+
+        Without a mask every token is real; without labels every row is in the first group."""
+        if label_ids is not None and (label_ids.min() < 0 or label_ids.max() >= len(self.group_names)):
+            raise ValueError(f"label_ids {label_ids.tolist()} out of range for groups {self.group_names}")
+        if attention_mask is None and input_ids is None:
             if label_ids is not None:
-                if label_ids.min() < 0 or label_ids.max() >= len(self.group_names):
-                    raise ValueError(
-                        f"label_ids {label_ids.tolist()} out of range for groups {self.group_names}"
-                    )
-                seq = attention_mask.shape[-1] if attention_mask is not None else input_ids.shape[-1]
-                self._groups = label_ids.long().repeat_interleave(seq)
-            self._input_ids = input_ids
+                raise ValueError("probe.batch(label_ids=...) also needs attention_mask or input_ids: the "
+                                 "sequence length tells which tokens belong to which row")
+            batch = None
+        else:
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            labels = label_ids if label_ids is not None else torch.zeros(mask.shape[0], dtype=torch.long)
+            batch = Batch(input_ids, mask, labels.long())
+        with self._slot.holding(batch):
             yield
-        finally:
-            self._mask = self._groups = self._input_ids = None
 
     @property
     def stats(self) -> UsageStats:
@@ -111,14 +130,15 @@ class RouterUsageProbe:
             self._stats = UsageStats.zeros(names, self.group_names, self.num_experts, top_k, device=device)
         return self._stats
 
-    def _make_hook(self, pos: int, layer: MoELayer):
-        def hook(module, inputs, output):
+    def _make_hook(self, pos: int, layer: MoELayer) -> BatchHook:
+        def hook(module, inputs, output, batch: Batch | None) -> None:
             with torch.no_grad():
-                self._accumulate(pos, layer, output)
+                self._accumulate(pos, layer, output, batch)
 
         return hook
 
-    def _accumulate(self, pos: int, layer: MoELayer, output) -> None:
+    def _accumulate(self, pos: int, layer: MoELayer, output, batch: Batch | None = None) -> None:
+        """Add one router call; `batch` None: every token is real and in the first group."""
         routing = self.adapter.routing(layer, output)
         probs, indices, weights = routing.probs, routing.indices, routing.weights
         T, E, G = probs.shape[0], self.num_experts, len(self.group_names)
@@ -126,15 +146,20 @@ class RouterUsageProbe:
         stats = self._ensure_stats(device)
         # W[t, g] = 1 when token t is real and in group g: every statistic is then one small
         # matmul W^T @ X, with no boolean indexing and no per-group loop over tokens.
-        groups = self._groups.to(device) if self._groups is not None else torch.zeros(T, dtype=torch.long, device=device)
-        W = torch.nn.functional.one_hot(groups, G).float()
-        if self._mask is not None:
-            if self._mask.numel() != T:
+        if batch is None:
+            mask, groups = None, torch.zeros(T, dtype=torch.long, device=device)
+        else:
+            mask = batch.real(device)
+            if mask.numel() != T:
                 raise ValueError(
-                    f"probe.batch() got an attention mask of {self._mask.numel()} tokens but router "
-                    f"{layer.router_name} saw {T}; pass the mask of the batch being run"
+                    f"the batch's attention mask of {mask.numel()} tokens does not match the {T} tokens router "
+                    f"{layer.router_name} saw; pass the mask of the batch being run"
                 )
-            W = W * self._mask.to(device).unsqueeze(-1)
+            # unlabelled rows (-1) count in the first group, as in a run over unlabelled data
+            groups = batch.label_ids.to(device).clamp_min(0).repeat_interleave(batch.attention_mask.shape[-1])
+        W = torch.nn.functional.one_hot(groups, G).float()
+        if mask is not None:
+            W = W * mask.unsqueeze(-1)
         selected = torch.zeros(T, E, device=device).scatter_(1, indices, 1.0)
         mass = torch.zeros(T, E, device=device).scatter_(1, indices, weights)
         Wt = W.T
@@ -148,16 +173,16 @@ class RouterUsageProbe:
         per_group = (W.unsqueeze(-1) * selected.unsqueeze(1)).reshape(T, G * E)
         stats.coact[pos] += (per_group.T @ selected).reshape(G, E, E).round().long()
         if self._trace_file is not None:
-            rows = self._mask.nonzero().squeeze(-1) if self._mask is not None else torch.arange(T)
-            rows = rows.to(device)
-            self._write_trace(layer, rows, indices[rows], weights[rows])
+            rows = mask.nonzero().squeeze(-1) if mask is not None else torch.arange(T, device=device)
+            self._write_trace(layer, rows, indices[rows], weights[rows], batch)
 
-    def _write_trace(self, layer: MoELayer, rows, indices, weights) -> None:
+    def _write_trace(self, layer: MoELayer, rows, indices, weights, batch: Batch | None) -> None:
         if self._trace_written >= self.trace_max_tokens:
             return
         n = min(len(rows), self.trace_max_tokens - self._trace_written)
-        ids = self._input_ids.reshape(-1) if self._input_ids is not None else None
-        seq = self._input_ids.shape[-1] if self._input_ids is not None else None
+        ids = batch.input_ids if batch is not None else None
+        seq = ids.shape[-1] if ids is not None else None
+        ids = ids.reshape(-1) if ids is not None else None
         idx, wts = indices[:n].tolist(), weights[:n].tolist()
         for j, row in enumerate(rows[:n].tolist()):
             rec = {"layer": layer.router_name, "token_index": row, "experts": idx[j], "weights": [round(w, 6) for w in wts[j]]}

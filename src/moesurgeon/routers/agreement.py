@@ -12,51 +12,31 @@ records of the same blocks line up token for token.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-
 import torch
 
 from ..arch import ArchAdapter
+from ..block_runner import Batch, Scope, label_groups, run_blocks
 from ..data import TokenBlocks
-from ..hooks import forward_hooks
-from ..models import input_device
 
-Scope = Callable[[str], AbstractContextManager]
+__all__ = ["Scope", "agreement_metrics", "label_groups", "record_selections", "topk_agreement"]
 
 
-def label_groups(blocks: TokenBlocks) -> dict[str, TokenBlocks]:
-    """{label: its blocks} in label order; unlabelled data is one group 'all'."""
-    if not blocks.label_names:
-        return {"all": blocks}
-    groups = {name: blocks.select(name) for name in blocks.label_names}
-    return {name: b for name, b in groups.items() if len(b)}
-
-
-@torch.no_grad()
 def record_selections(model, adapter: ArchAdapter, blocks: TokenBlocks, batch_size: int = 8,
                       scope: Scope | None = None) -> dict[str, torch.Tensor]:
     """{label: selected experts [L, N, k] (int16)} over the N real tokens of each label group."""
     layers = adapter.moe_layers(model)
-    device = input_device(model)
-    out: dict[str, torch.Tensor] = {}
-    for label, group in label_groups(blocks).items():
-        taken: list[list[torch.Tensor]] = [[] for _ in layers]
-        state = {"mask": None}
+    taken: dict[str, list[list[torch.Tensor]]] = {}
 
-        def hook_for(pos: int):
-            def hook(module, inputs, output):
-                idx = output[2].reshape(-1, output[2].shape[-1])
-                taken[pos].append(idx[state["mask"].to(idx.device)].to("cpu", torch.int16))
-            return hook
+    def hook_for(pos: int):
+        def hook(module, inputs, output, batch: Batch) -> None:
+            idx = output[2].reshape(-1, output[2].shape[-1])
+            per_layer = taken.setdefault(batch.label, [[] for _ in layers])
+            per_layer[pos].append(idx[batch.real(idx.device)].to("cpu", torch.int16))
+        return hook
 
-        with forward_hooks([(layer.router, hook_for(p)) for p, layer in enumerate(layers)]):
-            with scope(label) if scope is not None else nullcontext():
-                for batch in group.batches(batch_size):
-                    state["mask"] = batch["attention_mask"].reshape(-1).bool()
-                    model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        out[label] = torch.stack([torch.cat(t) for t in taken])
-    return out
+    run_blocks(model, blocks, batch_size, hooks=[(layer.router, hook_for(p)) for p, layer in enumerate(layers)],
+               by_label=True, scope=scope)
+    return {label: torch.stack([torch.cat(t) for t in per_layer]) for label, per_layer in taken.items()}
 
 
 def topk_agreement(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -53,12 +52,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..arch import ArchAdapter, MoELayer
+from ..block_runner import Batch, Scope, run_blocks
 from ..data import TokenBlocks
-from ..hooks import forward_hooks
-from ..models import input_device
-from .agreement import label_groups
 from .errors import RouterConfigError
-from .selection import has_choice_bias
 from .substitute import is_substituted
 
 log = logging.getLogger("moesurgeon")
@@ -114,49 +110,30 @@ def sample_blocks(blocks: TokenBlocks, max_tokens: int, seed: int = 0) -> TokenB
     return TokenBlocks(blocks.input_ids[take], blocks.attention_mask[take], blocks.labels[take], list(blocks.label_names))
 
 
-@torch.no_grad()
 def collect_teacher(model, adapter: ArchAdapter, blocks: TokenBlocks, batch_size: int = 8, max_tokens: int = 50_000,
-                    scope: Callable[[str], AbstractContextManager] | None = None, seed: int = 0) -> dict[int, TeacherCache]:
+                    scope: Scope | None = None, seed: int = 0) -> dict[int, TeacherCache]:
     """Run the model (custom routers substituted) on ~max_tokens real tokens and cache them per MoE layer."""
     layers = adapter.moe_layers(model)
-    device = input_device(model)
     parts: dict[int, list[tuple]] = {layer.index: [] for layer in layers}
-    state = {"keep": None}
 
     def hook_for(layer: MoELayer):
-        def hook(module, inputs, output):
-            keep = state["keep"].to(output[0].device)
+        def hook(module, inputs, output, batch: Batch) -> None:
+            keep = batch.real(output[0].device)
             h = inputs[0].reshape(-1, inputs[0].shape[-1])[keep]
             parts[layer.index].append((h.cpu(), output[0].reshape(-1, output[0].shape[-1])[keep].float().cpu(),
                                        output[2].reshape(-1, output[2].shape[-1])[keep].cpu()))
         return hook
 
-    with forward_hooks([(layer.router, hook_for(layer)) for layer in layers]):
-        for label, group in label_groups(sample_blocks(blocks, max_tokens, seed)).items():
-            with scope(label) if scope is not None else nullcontext():
-                for batch in group.batches(batch_size):
-                    state["keep"] = batch["attention_mask"].reshape(-1).bool()
-                    model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    run_blocks(model, sample_blocks(blocks, max_tokens, seed), batch_size,
+               hooks=[(layer.router, hook_for(layer)) for layer in layers], by_label=True, scope=scope)
     return {i: TeacherCache(*(torch.cat(c) for c in zip(*p))) for i, p in parts.items() if p}
-
-
-def _choice(layer: MoELayer, adapter: ArchAdapter, logits: torch.Tensor) -> torch.Tensor:
-    if has_choice_bias(layer):
-        return logits.sigmoid() + layer.router.e_score_correction_bias.float()
-    return logits
-
-
-def _log_dist(adapter: ArchAdapter, logits: torch.Tensor) -> torch.Tensor:
-    if adapter.scoring == "sigmoid":
-        s = logits.sigmoid().clamp_min(1e-30)
-        return (s / s.sum(-1, keepdim=True)).log()
-    return logits.log_softmax(dim=-1)
 
 
 def distill_loss(layer: MoELayer, adapter: ArchAdapter, student: torch.Tensor, teacher: torch.Tensor,
                  indices: torch.Tensor, margin: float, kl_weight: float) -> torch.Tensor:
-    unit = 0.1 if has_choice_bias(layer) or adapter.scoring == "sigmoid" else 1.0
-    c = _choice(layer, adapter, student) / unit
+    # ranking in the family's choice space; bounded sigmoid scores get a tenth of the logit margin
+    unit = 0.1 if adapter.choice_in_score_space(layer) else 1.0
+    c = adapter.choice_scores(layer, student) / unit
     selected = torch.zeros_like(c, dtype=torch.bool).scatter_(1, indices, True)
     pos = c.gather(1, indices)                                   # [N, k]
     gap = pos.unsqueeze(-1) - c.unsqueeze(1)                     # [N, k, E]: selected minus every expert
@@ -164,8 +141,8 @@ def distill_loss(layer: MoELayer, adapter: ArchAdapter, student: torch.Tensor, t
     rank = F.softplus(margin - gap)[pairs].mean()
     if kl_weight == 0:
         return rank
-    target = _log_dist(adapter, teacher).exp()                   # 0 where the teacher has -inf
-    kl = F.kl_div(_log_dist(adapter, student), target, reduction="batchmean")
+    target = adapter.log_distribution(teacher).exp()             # 0 where the teacher has -inf
+    kl = F.kl_div(adapter.log_distribution(student), target, reduction="batchmean")
     return rank + kl_weight * kl
 
 

@@ -21,15 +21,14 @@ logits + h (W' - W)^T on top of the family's own logits, so dtypes and any bias 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..arch import ArchAdapter, MoELayer
+from ..block_runner import Batch, run_blocks
 from ..data import TokenBlocks
-from ..hooks import forward_hooks
-from ..models import input_device
 from .errors import RouterConfigError
 from .roles import RoleSet
 from .substitute import CustomRouter
@@ -37,19 +36,16 @@ from .substitute import CustomRouter
 MODES = ("mix", "replace")
 
 
-@torch.no_grad()
 def role_prototypes(model, adapter: ArchAdapter, blocks_by_role: Mapping[str, TokenBlocks], batch_size: int = 8,
                     progress: bool = False) -> dict[int, dict[str, torch.Tensor]]:
     """{MoE layer index: {role: mean router input [H] (float32, CPU)}} over each role's real tokens."""
     layers = adapter.moe_layers(model)
-    device = input_device(model)
     sums = {layer.index: {} for layer in layers}
-    state = {"mask": None}
 
     def hook_for(layer: MoELayer, role: str):
-        def hook(module, inputs, output):
+        def hook(module, inputs, output, batch: Batch) -> None:
             h = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            m = state["mask"].reshape(-1, 1).to(h.device, h.dtype)
+            m = batch.real(h.device).reshape(-1, 1).to(h.dtype)
             total, count = sums[layer.index].get(role, (0.0, 0.0))
             sums[layer.index][role] = (total + (h * m).sum(0).cpu(), count + float(m.sum()))
         return hook
@@ -57,11 +53,8 @@ def role_prototypes(model, adapter: ArchAdapter, blocks_by_role: Mapping[str, To
     for role, blocks in blocks_by_role.items():
         if len(blocks) == 0:
             raise RouterConfigError(f"role {role!r} has no example blocks to build its prototype from")
-        with forward_hooks([(layer.router, hook_for(layer, role)) for layer in layers]):
-            for batch in tqdm(list(blocks.batches(batch_size)), desc=f"prototype {role}", disable=not progress,
-                              leave=False):
-                state["mask"] = batch["attention_mask"]
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        run_blocks(model, blocks, batch_size, hooks=[(layer.router, hook_for(layer, role)) for layer in layers],
+                   progress=progress, desc=f"prototype {role}")
     return {i: {r: t / max(c, 1.0) for r, (t, c) in per.items()} for i, per in sums.items()}
 
 
@@ -94,6 +87,9 @@ def prototype_weight(weight: torch.Tensor, layer_index: int, roles: RoleSet, pro
 
 class PrototypeRouter(CustomRouter):
     """A router whose rows for role experts were moved towards role prototypes (role-independent at run time)."""
+
+    exact_export: ClassVar[str | None] = "weights"  # `new_weight` is a standard router weight
+    resources: ClassVar[tuple[str, ...]] = ("roles", "prototypes")
 
     def __init__(self, layer: MoELayer, adapter: ArchAdapter, roles: RoleSet,
                  prototypes: Mapping[int, Mapping[str, torch.Tensor]], mode: str = "mix", alpha: float = 0.5,
