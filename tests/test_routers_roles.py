@@ -119,6 +119,23 @@ def test_role_validation_errors():
         ctx.token_roles(4, torch.device("cpu"))
 
 
+def test_forced_experts_must_fit_the_group_limit():
+    model = tiny_model("deepseek_v3", topk_group=1)  # 2 groups of 4 experts, a token uses the best one
+    adapter = get_adapter(model)
+    layer = adapter.moe_layers(model)[0]
+    context = RoleContext(roleset())
+    with pytest.raises(RouterConfigError, match=r"role 'code' forces experts in groups \[0, 1\] of layer 1, but this "
+                                                 r"family chooses from the best 1 of 2 groups of 4 experts"):
+        RoleAwareRouter(layer, adapter, roleset(code=[{"mode": "force", "experts": [2, 5]}]), context)
+    within = roleset(code=[{"mode": "force", "experts": [4, 6]}])  # both in group 1: allowed
+    assert RoleAwareRouter(layer, adapter, within, RoleContext(within)).any_force
+    # without a group limit (2 of 2 groups usable) the same experts can be forced
+    free = tiny_model("deepseek_v3")
+    free_adapter = get_adapter(free)
+    spread = roleset(code=[{"mode": "force", "experts": [2, 5]}])
+    assert RoleAwareRouter(free_adapter.moe_layers(free)[0], free_adapter, spread, RoleContext(spread)).any_force
+
+
 def test_triggers_checked_against_data():
     tok = tokenizer_with_tags()
     tag_only = RoleSet.from_mapping({"code": {"tag": "<|role=code|>"}})

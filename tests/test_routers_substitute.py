@@ -7,7 +7,10 @@ from omegaconf import OmegaConf
 
 from moesurgeon.arch import get_adapter
 from moesurgeon.hooks import count_hooks
-from moesurgeon.routers import CustomRouter, ExpertMaskRouter, RouterConfigError, is_substituted, substitute_routers
+from moesurgeon.routers import (
+    CustomRouter, ExpertMaskRouter, RoleAwareRouter, RouterConfigError, StaticBiasRouter, is_substituted,
+    substitute_routers,
+)
 from tiny_models import tiny_model
 
 FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"]
@@ -106,3 +109,13 @@ def test_substitution_errors():
     with substitute_routers(model, adapter, lambda layer: CustomRouter(layer, adapter)):
         with pytest.raises(RouterConfigError, match="already route through a custom router"):
             substitute_routers(model, adapter, lambda layer: CustomRouter(layer, adapter))
+
+
+def test_router_classes_declare_export_and_resources():
+    """recipes read these instead of testing classes and constructor signatures."""
+    assert (CustomRouter.exact_export, CustomRouter.resources) == (None, ())
+    assert (UserRouter.exact_export, UserRouter.resources) == (None, ())  # user routers: distillation only
+    assert (ExpertMaskRouter.exact_export, ExpertMaskRouter.resources) == ("prune", ())
+    assert (StaticBiasRouter.exact_export, StaticBiasRouter.resources) == ("bias", ())
+    assert (RoleAwareRouter.exact_export, RoleAwareRouter.resources) == (None, ("roles", "context"))
+

@@ -1,14 +1,18 @@
 """The architecture-adapter contract: everything that differs between MoE families lives behind it.
 
 An adapter is the ONLY code that knows a family's module names, router class, scoring function,
-on-disk tensor names and where top-k is stored. Callers get:
+choice bias, group limit, on-disk tensor names and where top-k is stored. This file holds the
+in-memory part; the adapter also answers from a config.json dict alone (config_json.py: expert
+count, MoE layers, group limit, the edits for a changed expert count) and names tensors on disk
+(disk_names.py: router, bias and per-expert tensors). Callers get:
 - `moe_layers(model)`: the MoE layers (dense layers skipped), each with the router's fully qualified
   name, which is the same name used in logs, statistics files and the safetensors weight map;
 - `get_top_k` / `set_top_k`: top-k per layer in memory (transformers copies `num_experts_per_tok`
   into each router at init, so editing `model.config` afterwards changes nothing);
 - `routing(layer, router_output)`: per-token probabilities over all experts, selected experts and
-  routing weights, as the family computes them;
-- on-disk names of router tensors and per-expert tensors, and config.json keys, for the patch writer.
+  routing weights, as the family computes them; `route_from_logits` for edited logits;
+- `choice_bias(layer)`, `group_limit(layer)`, `router_bias(layer, space)`: what the choice reads
+  besides the logits, and which per-expert bias tensors the router holds.
 """
 
 from __future__ import annotations
@@ -19,13 +23,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .config_json import ConfigJson
+from .disk_names import BIAS_SPACES, DiskNames
+from .errors import ExpertCountError, InvalidConfigError, UnsupportedModelError
 
-class UnsupportedModelError(ValueError):
-    """The model is not a Mixture-of-Experts family this adapter set supports."""
-
-
-class InvalidConfigError(ValueError):
-    """config.json of a supported family holds values no runtime can build a model from."""
+__all__ = ["ArchAdapter", "ExpertCountError", "InvalidConfigError", "MoELayer", "Routing", "UnsupportedModelError"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class Routing:
     weights: torch.Tensor  # [T, k] float32, routing weights as applied to expert outputs
 
 
-class ArchAdapter:
+class ArchAdapter(DiskNames, ConfigJson):
     """Base adapter for families whose routers return `(logits, top-k weights, top-k indices)`.
 
     Subclasses set the class attributes and override the few methods whose behaviour differs.
@@ -60,17 +62,8 @@ class ArchAdapter:
     block_attr: ClassVar[str] = "mlp"  # attribute of a decoder layer holding the MoE block
     router_attr: ClassVar[str] = "gate"  # attribute of the MoE block holding the router
     scoring: ClassVar[str] = "softmax"  # "softmax" | "sigmoid": how probs over all experts are made
-    # config.json keys (hub format first); transformers 5 may write the alias instead
-    num_experts_keys: ClassVar[tuple[str, ...]] = ("num_experts", "num_local_experts")
-    top_k_key: ClassVar[str] = "num_experts_per_tok"
-    # in-memory block prefix -> on-disk block prefix, for families renamed by transformers 5
-    disk_block_attr: ClassVar[str | None] = None
-    # per-expert on-disk tensor suffixes (None: experts are fused on disk too)
-    expert_disk_suffixes: ClassVar[tuple[str, ...] | None] = (
-        "gate_proj.weight",
-        "up_proj.weight",
-        "down_proj.weight",
-    )
+    # router attributes holding the group limit (number of groups, groups a token may use); None: no limit
+    group_attrs: ClassVar[tuple[str, str] | None] = None
     # router tensors that PEFT can wrap with LoRA (bare Parameters -> `target_parameters`)
     lora_router_params: ClassVar[tuple[str, ...]] = ("weight",)
 
@@ -124,8 +117,13 @@ class ArchAdapter:
         return int(layer.router.top_k)
 
     def max_top_k(self, layer: MoELayer) -> int:
-        """Largest k the family's routing can honour for this layer."""
-        return layer.num_experts
+        """Largest k the family's routing can honour for this layer. With a group limit the choice only
+        looks inside the best groups: a larger k would silently pick excluded experts, so it is refused."""
+        limit = self.group_limit(layer)
+        if limit is None:
+            return layer.num_experts
+        groups, kept = limit
+        return kept * (layer.num_experts // groups)
 
     def set_top_k(self, model: nn.Module, k: int | dict[int, int]) -> dict[int, int]:
         """Set top-k in memory: an int for every MoE layer, or {layer_index: k} for some layers.
@@ -181,7 +179,28 @@ class ArchAdapter:
 
     def choice_bias(self, layer: MoELayer) -> torch.Tensor | None:
         """The bias the family adds to the scores for the choice only (not the weights), or None."""
-        return None
+        bias = getattr(layer.router, self.bias_attrs["choice"], None)
+        return bias if isinstance(bias, torch.Tensor) else None
+
+    def router_bias(self, layer: MoELayer, space: str) -> torch.Tensor | None:
+        """The router's per-expert bias tensor acting in `space` ("logits": added to the logits, as
+        `x W^T + bias`; "choice": added to the scores for the choice only), or None when it has none."""
+        if space not in BIAS_SPACES:
+            raise ValueError(f"bias space={space!r}: expected one of {list(BIAS_SPACES)}")
+        tensor = getattr(layer.router, self.bias_attrs[space], None)
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != (layer.num_experts,):
+            return None
+        return tensor
+
+    def group_limit(self, layer: MoELayer) -> tuple[int, int] | None:
+        """(groups, groups a token may choose from) when the family limits the choice to the best groups
+        of contiguous experts; None without a limit (or with a single group, which limits nothing)."""
+        if self.group_attrs is None:
+            return None
+        groups, kept = (getattr(layer.router, a, None) for a in self.group_attrs)
+        if not groups or not kept or int(groups) <= 1:
+            return None
+        return int(groups), int(kept)
 
     def choice_scores(self, layer: MoELayer, logits: torch.Tensor) -> torch.Tensor:
         """The per-expert values the family's top-k ranks, before any group limit [T, E]: the logits
@@ -222,81 +241,10 @@ class ArchAdapter:
 
     always_renormalize: ClassVar[bool] = False
 
-    # ---------------------------------------------------------------- names on disk
-    def disk_name(self, name: str) -> str:
-        """On-disk tensor name for an in-memory parameter name of a router."""
-        if self.disk_block_attr is None:
-            return name
-        return name.replace(f".{self.block_attr}.{self.router_attr}.", f".{self.disk_block_attr}.{self.router_attr}.")
-
-    def router_tensor_names(self, layer: MoELayer) -> dict[str, str]:
-        """{in-memory fully qualified name: on-disk name} of every tensor of this router."""
-        names = {}
-        for local, _ in list(layer.router.named_parameters(recurse=False)) + list(
-            layer.router.named_buffers(recurse=False)
-        ):
-            mem = f"{layer.router_name}.{local}"
-            names[mem] = self.disk_name(mem)
-        return names
-
-    def expert_disk_names(self, layer: MoELayer, expert: int) -> list[str]:
-        if self.expert_disk_suffixes is None:
-            raise UnsupportedModelError(
-                f"model_type {self.model_type!r} stores experts fused on disk; per-expert tensors do not exist"
-            )
-        prefix = layer.block_name
-        if self.disk_block_attr is not None:
-            prefix = prefix.rsplit(".", 1)[0] + "." + self.disk_block_attr
-        return [f"{prefix}.experts.{expert}.{s}" for s in self.expert_disk_suffixes]
-
     def lora_target_parameters(self) -> list[str]:
         """PEFT `target_parameters` suffixes matching every router weight of this family."""
         return [f"{self.block_attr}.{self.router_attr}.{p}" for p in self.lora_router_params]
 
-    # ---------------------------------------------------------------- config.json
-    def num_experts_from_config(self, config: dict) -> int:
-        for key in self.num_experts_keys:
-            if config.get(key) is not None:
-                try:
-                    return int(config[key])
-                except (TypeError, ValueError):
-                    raise InvalidConfigError(f"config.json: {key}={config[key]!r}; expected a positive integer "
-                                             "number of experts") from None
-        raise UnsupportedModelError(
-            f"config.json of model_type {self.model_type!r} has none of {self.num_experts_keys}: "
-            "cannot tell the number of experts"
-        )
-
-    def check_config(self, config: dict) -> list[str]:
-        """Validate the expert count and top-k of a config.json dict; return notes for the log.
-
-        Raises InvalidConfigError for values transformers would accept and then fail on much later
-        (top-k of 0 divides by zero in renormalisation, top-k above the expert count fails in topk).
-        A missing top-k is legal: the config class's default applies, and the note says which.
-        """
-        experts = self.num_experts_from_config(config)
-        key = next(k for k in self.num_experts_keys if config.get(k) is not None)
-        if isinstance(config[key], bool) or not isinstance(config[key], int) or experts <= 0:
-            raise InvalidConfigError(f"config.json: {key}={config[key]!r}; expected a positive integer number of "
-                                     "experts. Fix config.json (the source checkpoint's value is authoritative)")
-        notes = []
-        k = config.get(self.top_k_key)
-        if k is None:
-            default = self.default_top_k()
-            notes.append(f"config.json has no {self.top_k_key}: transformers uses the {self.model_type} default "
-                         f"of {default} experts per token")
-            k = default
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= experts:
-            raise InvalidConfigError(f"config.json: {self.top_k_key}={k!r}; expected an integer from 1 to the "
-                                     f"expert count {experts} ({key}). Fix config.json, or choose top-k at run "
-                                     "time with experiment=topk_override top_k=N")
-        return notes
-
-    def default_top_k(self) -> int | None:
-        """The experts-per-token transformers' config class uses when config.json omits it."""
-        from transformers import CONFIG_MAPPING
-
-        return getattr(CONFIG_MAPPING[self.model_type](), self.top_k_key, None)
-
-    def top_k_config_edit(self, k: int) -> dict:
-        return {self.top_k_key: int(k)}
+    def lora_target_modules(self) -> list[str]:
+        """PEFT `target_modules` suffix of the routers, for families whose router is a plain nn.Linear."""
+        return [f"{self.block_attr}.{self.router_attr}"]

@@ -18,9 +18,17 @@ class Qwen3MoeAdapter(ArchAdapter):
     model_types = ("qwen3_moe",)
     router_class_names = ("Qwen3MoeTopKRouter",)
 
+    def moe_layer_indices(self, config: dict) -> list[int]:
+        # the decoder layer's own rule: listed layers are dense, the others sparse every `step`-th layer
+        dense = self.config_value(config, "mlp_only_layers")
+        step = int(self.config_value(config, "decoder_sparse_step"))
+        experts = self.num_experts_from_config(config)
+        layers = int(self.config_value(config, "num_hidden_layers"))
+        return [i for i in range(layers) if i not in dense and experts > 0 and (i + 1) % step == 0]
 
-class Qwen2MoeAdapter(ArchAdapter):
-    """Qwen2-MoE: Qwen3 routing plus a shared expert with its own sigmoid gate
+
+class Qwen2MoeAdapter(Qwen3MoeAdapter):
+    """Qwen2-MoE: Qwen3 routing and dense-layer rule, plus a shared expert with its own sigmoid gate
     (`shared_expert_gate`), which is not a router over experts and is left alone."""
 
     model_types = ("qwen2_moe",)
@@ -47,37 +55,38 @@ class MixtralAdapter(ArchAdapter):
 
 
 class DeepseekV3Adapter(ArchAdapter):
-    """DeepSeek-V3: sigmoid scores; `e_score_correction_bias` only for the choice; group-limited
-    selection (n_group / topk_group); optional renorm; `routed_scaling_factor` on the weights.
-    The first `first_k_dense_replace` layers are dense."""
+    """DeepSeek-V3: sigmoid scores; a choice-only correction bias (`e_score_correction_bias`); group-limited
+    selection (config n_group / topk_group, router num_group / topk_group); optional renorm;
+    `routed_scaling_factor` on the weights. The first `first_k_dense_replace` layers are dense."""
 
     model_types = ("deepseek_v3",)
     router_class_names = ("DeepseekV3TopkRouter",)
     scoring = "sigmoid"
     num_experts_keys = ("n_routed_experts", "num_local_experts")
+    group_attrs = ("num_group", "topk_group")
+    group_keys = ("n_group", "topk_group")
 
-    def choice_bias(self, layer: MoELayer) -> torch.Tensor | None:
-        bias = getattr(layer.router, "e_score_correction_bias", None)
-        return bias if isinstance(bias, torch.Tensor) else None
-
-    def max_top_k(self, layer: MoELayer) -> int:
-        # Selection only looks inside the `topk_group` best groups: a larger k would silently
-        # pick masked experts (-inf scores), so refuse it.
-        router = layer.router
-        per_group = layer.num_experts // int(router.num_group)
-        return int(router.topk_group) * per_group
+    def moe_layer_indices(self, config: dict) -> list[int]:
+        first_sparse = int(self.config_value(config, "first_k_dense_replace"))
+        return [i for i in range(int(self.config_value(config, "num_hidden_layers"))) if i >= first_sparse]
 
     def route_from_logits(self, layer: MoELayer, logits: torch.Tensor):
         r = layer.router
         logits = logits.float()
         scores = logits.sigmoid()
+        bias = self.choice_bias(layer)
+        choice = scores + bias if bias is not None else scores
         # a -inf logit (masked expert) must never be chosen, whatever its correction bias says
-        choice = (scores + r.e_score_correction_bias).masked_fill(torch.isneginf(logits), float("-inf"))
-        groups = int(r.num_group)
-        group_scores = choice.view(-1, groups, layer.num_experts // groups).topk(2, dim=-1).values.sum(-1)
-        keep_groups = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(int(r.topk_group), dim=-1).indices, 1.0)
-        keep = keep_groups.repeat_interleave(layer.num_experts // groups, dim=1).bool()
-        indices = choice.masked_fill(~keep, float("-inf")).topk(int(r.top_k), dim=-1).indices
+        choice = choice.masked_fill(torch.isneginf(logits), float("-inf"))
+        limit = self.group_limit(layer)
+        if limit is not None:
+            groups, kept = limit
+            size = layer.num_experts // groups
+            group_scores = choice.view(-1, groups, size).topk(2, dim=-1).values.sum(-1)
+            keep_groups = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(kept, dim=-1).indices, 1.0)
+            keep = keep_groups.repeat_interleave(size, dim=1).bool()
+            choice = choice.masked_fill(~keep, float("-inf"))
+        indices = choice.topk(int(r.top_k), dim=-1).indices
         weights = scores.gather(1, indices)
         if r.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import ArchAdapter, UnsupportedModelError
+from .base import ArchAdapter
+from .errors import UnsupportedModelError
 from .families import ADAPTERS
 
 _BY_TYPE: dict[str, type[ArchAdapter]] = {t: cls for cls in ADAPTERS for t in cls.model_types}

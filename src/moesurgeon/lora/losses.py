@@ -9,16 +9,18 @@ Why not use the model's `loss` / `aux_loss`?
 
 `load_balancing_loss` is the Switch-Transformer loss exactly as transformers computes it for
 softmax routers (counts and probabilities summed over all layers, then E * sum_i f_i * P_i), so on
-Qwen/Mixtral/OLMoE it equals the model's own `aux_loss` (tested). For sigmoid routers
-(DeepSeek-V3) scores are normalised to sum to 1 per token first, and the selection used for f_i
-is the plain top-k of the scores (the real selection also adds the correction bias and the group
-limit, which carry no gradient anyway).
+Qwen/Mixtral/OLMoE it equals the model's own `aux_loss` (tested). The per-token distribution over
+experts is the adapter's (`adapter.distribution`): for sigmoid routers (DeepSeek-V3) the scores
+normalised to sum to 1 per token, and the selection used for f_i is the plain top-k of it (the
+real selection also adds the family's choice bias and group limit, which carry no gradient anyway).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..arch import ArchAdapter
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -31,24 +33,26 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch
     return loss / max(n, 1), n
 
 
-def router_probs(logits: torch.Tensor, scoring: str) -> torch.Tensor:
-    """Per-token distribution over experts, [T, E] float32, summing to 1."""
-    logits = logits.float()
-    if scoring == "softmax":
-        return logits.softmax(dim=-1)
-    if scoring == "sigmoid":
-        scores = logits.sigmoid()
-        return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-    raise ValueError(f"scoring={scoring!r}: expected 'softmax' or 'sigmoid'")
+def _as_adapter(adapter: ArchAdapter | str) -> ArchAdapter:
+    """Transitional: callers not yet switched to the adapter (lora/trainer.py) pass its scoring name."""
+    if isinstance(adapter, ArchAdapter):
+        return adapter
+    if adapter not in ("softmax", "sigmoid"):
+        raise ValueError(f"scoring={adapter!r}: expected 'softmax' or 'sigmoid'; pass the model's ArchAdapter")
+    scoring_only = ArchAdapter(f"<{adapter} scoring>")
+    scoring_only.scoring = adapter  # type: ignore[misc]  # the only attribute `distribution` reads
+    return scoring_only
 
 
 def load_balancing_loss(
     router_logits: tuple[torch.Tensor, ...],
     top_k: int,
     attention_mask: torch.Tensor | None,
-    scoring: str = "softmax",
+    adapter: ArchAdapter | str,
 ) -> torch.Tensor:
-    """Switch load-balancing loss over all MoE layers; padding excluded. 1.0 x k means perfectly balanced."""
+    """Switch load-balancing loss over all MoE layers; padding excluded. 1.0 x k means perfectly balanced.
+    `adapter` gives the family's distribution over experts (a scoring name is accepted until callers move)."""
+    adapter = _as_adapter(adapter)
     if not router_logits:
         raise ValueError(
             "the model returned no router logits with output_router_logits=True: the routers were replaced "
@@ -60,7 +64,7 @@ def load_balancing_loss(
     prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
     rows = torch.zeros((), dtype=torch.float32, device=device)
     for logits in router_logits:
-        probs = router_probs(logits.to(device).reshape(-1, num_experts), scoring)
+        probs = adapter.distribution(logits.to(device).reshape(-1, num_experts))
         weight = (torch.ones(probs.shape[0], device=device) if attention_mask is None
                   else attention_mask.reshape(-1).to(device=device, dtype=torch.float32))
         if weight.shape[0] != probs.shape[0]:
@@ -78,12 +82,13 @@ def load_balancing_loss(
 
 @torch.no_grad()
 def routing_entropy_bits(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor,
-                         scoring: str = "softmax") -> list[float]:
-    """Mean entropy (bits) of each MoE layer's distribution over experts, over real tokens."""
+                         adapter: ArchAdapter | str) -> list[float]:
+    """Mean entropy (bits) of each MoE layer's distribution over experts (the adapter's), over real tokens."""
+    adapter = _as_adapter(adapter)
     mask = attention_mask.reshape(-1).float()
     out = []
     for logits in router_logits:
-        p = router_probs(logits.reshape(-1, logits.shape[-1]), scoring).to(mask.device)
+        p = adapter.distribution(logits.reshape(-1, logits.shape[-1])).to(mask.device)
         h = -(p * p.clamp_min(1e-30).log2()).sum(-1)
         out.append(float((h * mask).sum() / mask.sum().clamp_min(1.0)))
     return out

@@ -85,7 +85,7 @@ def lora_targets(model: nn.Module, adapter: ArchAdapter) -> LoraTargets:
     linear = [type(layer.router) is nn.Linear for layer in layers]
     if all(linear):
         # PEFT matches target_modules as a suffix of the module name: "mlp.gate" hits "model.layers.3.mlp.gate"
-        return LoraTargets(target_modules=[f"{adapter.block_attr}.{adapter.router_attr}"], target_parameters=[])
+        return LoraTargets(target_modules=adapter.lora_target_modules(), target_parameters=[])
     if any(linear):
         raise RouterLoraError(
             f"model_type {adapter.model_type!r} mixes nn.Linear routers and custom router modules; "

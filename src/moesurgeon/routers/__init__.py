@@ -11,7 +11,7 @@ from .errors import RouterConfigError
 from .expert_mask import ExpertMaskRouter, resolve_mask
 from .prototype_router import PrototypeRouter, role_prototypes
 from .role_context import RoleContext
-from .role_router import RoleAwareRouter
+from .role_aware import RoleAwareRouter
 from .roles import Preference, RoleSet, RoleSpec
 from .static_bias import StaticBiasRouter
 from .substitute import CustomRouter, RouterSwap, is_substituted, substitute_routers

@@ -11,6 +11,7 @@ is what makes `surgery.prune_experts` an exact export for them.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
 
@@ -71,6 +72,9 @@ def resolve_mask(spec: MaskSpec, layers: list[MoELayer], top_k: int | Mapping[in
 
 class ExpertMaskRouter(CustomRouter):
     """The family router with some experts disabled (logit -inf)."""
+
+    exact_export: ClassVar[str | None] = "prune"  # surgery/prune_experts.py: a checkpoint without those experts
+    resources: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, layer: MoELayer, adapter: ArchAdapter, experts: MaskSpec = ()):
         super().__init__(layer, adapter)

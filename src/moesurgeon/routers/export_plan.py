@@ -27,7 +27,7 @@ from ..surgery.role_bias import roles_in_data, uniform_role_bias
 from .agreement import Scope, agreement_metrics, record_selections
 from .distill import DistillConfig, DistillResult, write_router_tensors
 from .role_context import RoleContext
-from .role_router import RoleAwareRouter
+from .role_aware import RoleAwareRouter
 
 log = logging.getLogger("moesurgeon")
 

@@ -6,10 +6,11 @@
 
 Where the bias is added decides what a standard checkpoint can hold exactly:
 - `logits`: added to the router logits before the family's selection and weighting. gpt_oss
-  routers compute `x W^T + bias`, so this is exactly `router.bias` (surgery.static_bias).
-- `choice`: added to the score used only to CHOOSE experts, weights unchanged — exactly what
-  deepseek_v3's `e_score_correction_bias` does (sigmoid score + bias). Only for such families.
-- `auto`: `choice` where the family has a correction bias, else `logits`.
+  routers compute `x W^T + bias`, so this is exactly `router.bias` (surgery/bias_export.py).
+- `choice`: added to the score used only to CHOOSE experts, weights unchanged — exactly what the
+  family's choice bias does (`adapter.choice_bias`, deepseek_v3: sigmoid score + bias). Only for
+  such families.
+- `auto`: `choice` where the family has a choice bias, else `logits`.
 Softmax families without a router bias (qwen, mixtral, olmoe) can run either in memory, but no
 standard tensor holds a constant logit offset: their export is distilled.
 """
@@ -17,13 +18,14 @@ standard tensor holds a constant logit offset: their export is distilled.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 
 from ..arch import ArchAdapter, MoELayer
+from ..arch.selection import with_choice_bias
 from .errors import RouterConfigError
 from .expert_mask import check_experts
-from .selection import has_choice_bias, with_choice_bias
 from .substitute import CustomRouter
 
 SPACES = ("auto", "logits", "choice")
@@ -50,9 +52,10 @@ def layer_bias(spec: Mapping, layer: MoELayer) -> dict[int, float]:
 def resolve_space(space: str, layer: MoELayer, adapter: ArchAdapter) -> str:
     if space not in SPACES:
         raise RouterConfigError(f"static bias space={space!r}: expected one of {list(SPACES)}")
+    has_choice_bias = adapter.choice_bias(layer) is not None
     if space == "auto":
-        return "choice" if has_choice_bias(layer) else "logits"
-    if space == "choice" and not has_choice_bias(layer):
+        return "choice" if has_choice_bias else "logits"
+    if space == "choice" and not has_choice_bias:
         raise RouterConfigError(
             f"static bias space='choice' needs a family that chooses experts by score + correction bias "
             f"(deepseek_v3); {adapter.model_type} has none. Use space=logits (or auto)"
@@ -62,6 +65,9 @@ def resolve_space(space: str, layer: MoELayer, adapter: ArchAdapter) -> str:
 
 class StaticBiasRouter(CustomRouter):
     """The family router with a constant per-expert bias (see module docstring for `space`)."""
+
+    exact_export: ClassVar[str | None] = "bias"  # surgery/bias_export.py: the family's own router bias tensor
+    resources: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, layer: MoELayer, adapter: ArchAdapter, bias: Mapping | None = None, space: str = "auto"):
         super().__init__(layer, adapter)
@@ -76,9 +82,9 @@ class StaticBiasRouter(CustomRouter):
         logits = self.family_forward(hidden_states)[0]
         if self.space == "logits":
             return self.route(logits + self.bias.to(logits.device, logits.dtype))
-        # deepseek_v3 style: the bias joins the correction bias, which only the choice reads
-        bias = self.layer.router.e_score_correction_bias + self.bias.to(logits.device)
-        return self.adapter.route_from_logits(with_choice_bias(self.layer, bias), logits)
+        # the bias joins the family's choice bias, which only the choice reads
+        bias = self.adapter.choice_bias(self.layer) + self.bias.to(logits.device)
+        return self.adapter.route_from_logits(with_choice_bias(self.adapter, self.layer, bias), logits)
 
     def extra_repr(self) -> str:
         nz = {int(e): round(float(b), 4) for e, b in enumerate(self.bias) if b != 0}

@@ -27,13 +27,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..arch import ArchAdapter, MoELayer
+from ..arch.selection import route_edited
 from .errors import RouterConfigError
-from .selection import route_edited
 
 log = logging.getLogger("moesurgeon")
 
@@ -47,7 +48,17 @@ class CustomRouter(nn.Module):
     forced-expert mask with margins; or override `forward` entirely, keeping the return contract.
     `layer` and `adapter` are plain attributes (not submodules), so the custom module owns only
     its own tensors.
+
+    Every router class declares how it is exported and what it is built from:
+    - `exact_export`: the standard-checkpoint form that holds it exactly — "prune" (a pruned
+      checkpoint), "bias" (the family's router bias), "weights" (the router weights) — or None when
+      only a distilled export exists (user routers, unless they say otherwise);
+    - `resources`: the run resources its constructor takes as keyword arguments besides `layer`,
+      `adapter` and its router-config values (e.g. ("roles", "context")).
     """
+
+    exact_export: ClassVar[str | None] = None
+    resources: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, layer: MoELayer, adapter: ArchAdapter):
         super().__init__()

@@ -3,35 +3,31 @@
 What changes on disk, per MoE layer: the removed experts' tensors are dropped, the kept experts
 are renumbered 0..E'-1 in their old order (per-expert tensors renamed; fused tensors such as
 gpt_oss `experts.gate_up_proj [E, ...]` sliced on dim 0), every router tensor with one row per
-expert (weight, gpt_oss bias, deepseek e_score_correction_bias) keeps the kept rows, and every
-expert-count key present in config.json (`num_experts`, `num_local_experts`, `n_routed_experts`)
-becomes E'.
+expert (weight, any per-expert router bias) keeps the kept rows, and config.json gets the
+adapter's edits for the new expert count (`adapter.expert_count_edits`: every expert-count key
+present becomes E', plus what the family's group limit needs).
 
 When is this exact (pruned model == masked model, logits equal)?
 - softmax families (qwen2/3, olmoe, mixtral): a -inf logit contributes exp(-inf) = 0 to the softmax,
   so softmax over E experts with some masked IS softmax over the E' others; the top-k and any
   renormalisation follow. Exact.
 - gpt_oss: top-k on logits, softmax over the k chosen: a -inf expert is never chosen. Exact.
-- deepseek_v3 (sigmoid, group-limited: experts are split into n_group contiguous groups, a token
-  may only use the best topk_group groups, a group scored by its best two experts):
-  * topk_group >= n_group: the group limit selects nothing out; the pruned config gets
-    n_group = topk_group = 1. Exact.
-  * every group loses the same number of experts and keeps >= 2: groups stay aligned after
-    renumbering and score the same. Exact.
-  * otherwise the kept experts fall into different groups than before: NOT exact. Allowed only with
-    `allow_inexact` (and only if n_group divides E'); the caller measures and reports the deviation.
+- families with a group limit (deepseek_v3: contiguous groups of experts, a token chooses only from
+  the best few): exact when the limit excludes nothing, or when every group loses the same number
+  of experts; otherwise the kept experts regroup: NOT exact, allowed only with `allow_inexact` and
+  measured (arch/config_json.py `expert_count_edits` decides, and says why).
+On-disk names (per-expert or fused, renamed families) are the adapter's (arch/disk_names.py).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from ..arch import ArchAdapter, MoELayer
+from ..arch import ArchAdapter, ExpertCountError, MoELayer
 from ..io import CheckpointError, CheckpointReader, Patch
 from ..routers.errors import RouterConfigError
 
@@ -43,13 +39,6 @@ class PrunePlan:
     exact: bool
     reason: str
     config_edits: dict = field(default_factory=dict)
-
-
-def _group_settings(config: dict) -> tuple[int, int] | None:
-    groups, keep = config.get("n_group"), config.get("topk_group")
-    if groups is None or keep is None or int(groups) <= 1:
-        return None
-    return int(groups), int(keep)
 
 
 def plan_prune(adapter: ArchAdapter, config: dict, layers: list[MoELayer], mask: dict[int, list[int]],
@@ -69,37 +58,11 @@ def plan_prune(adapter: ArchAdapter, config: dict, layers: list[MoELayer], mask:
     if new < top_k:
         raise RouterConfigError(f"pruning leaves {new} experts, fewer than top-k={top_k}; mask fewer experts")
     keep = {i: [e for e in range(E) if e not in set(r)] for i, r in removed.items()}
-    edits = {key: new for key in adapter.num_experts_keys if config.get(key) is not None}
-    if not edits:
-        raise RouterConfigError(f"config.json has none of the expert-count keys {adapter.num_experts_keys}")
-    groups = _group_settings(config)
-    if groups is None:
-        return PrunePlan(keep, new, True, f"{adapter.scoring} routing over the remaining experts", edits)
-    n_group, topk_group = groups
-    if topk_group >= n_group:
-        edits.update(n_group=1, topk_group=1)
-        return PrunePlan(keep, new, True, f"topk_group={topk_group} >= n_group={n_group}: the group limit excludes "
-                                          "nothing, so the pruned config uses one group", edits)
-    size = E // n_group
-    per_group = {tuple(sum(1 for e in r if e // size == g) for g in range(n_group)) for r in removed.values()}
-    balanced = len(per_group) == 1 and len(set(next(iter(per_group)))) == 1
-    if balanced and size - next(iter(per_group))[0] >= 2:
-        return PrunePlan(keep, new, True, f"each of the {n_group} groups loses the same number of experts, so "
-                                          "groups stay aligned", edits)
-    if new % n_group != 0:
-        raise RouterConfigError(
-            f"pruning leaves {new} experts, which n_group={n_group} does not divide: group-limited routing "
-            f"(deepseek_v3) cannot hold that. Mask a multiple of {n_group} experts, the same number in each group of "
-            f"{size}, for an exact export; or export with export.mode=distill")
-    return PrunePlan(keep, new, False, f"the mask removes experts unevenly across the {n_group} groups (removed per "
-                                       f"group: {sorted(per_group)}), so pruned experts regroup and the group limit "
-                                       f"(topk_group={topk_group}) picks differently", edits)
-
-
-def _disk_block_prefix(adapter: ArchAdapter, layer: MoELayer) -> str:
-    if adapter.disk_block_attr is None:
-        return layer.block_name
-    return layer.block_name.rsplit(".", 1)[0] + "." + adapter.disk_block_attr
+    try:
+        config_edits = adapter.expert_count_edits(config, new, removed)
+    except ExpertCountError as err:
+        raise RouterConfigError(str(err)) from err
+    return PrunePlan(keep, new, config_edits.exact, config_edits.reason, config_edits.edits)
 
 
 def prune_patch(adapter: ArchAdapter, reader: CheckpointReader, layers: list[MoELayer], plan: PrunePlan) -> Patch:
@@ -113,7 +76,7 @@ def prune_patch(adapter: ArchAdapter, reader: CheckpointReader, layers: list[MoE
             if disk in reader and reader.header(disk).shape[:1] == (E,):
                 patch.drop.add(disk)
                 patch.add[disk] = reader.get(disk).index_select(0, index).contiguous()
-        prefix = _disk_block_prefix(adapter, layer) + ".experts."
+        prefix = adapter.expert_disk_prefix(layer.index)
         mine = [n for n in names if n.startswith(prefix)]
         if not mine:
             raise CheckpointError(f"no expert tensors under {prefix!r} in the checkpoint: its key format is not the one "
@@ -125,17 +88,16 @@ def prune_patch(adapter: ArchAdapter, reader: CheckpointReader, layers: list[MoE
                     patch.add[n] = reader.get(n).index_select(0, index).contiguous()
             continue
         renumber = {old: new for new, old in enumerate(keep)}
-        pattern = re.compile(re.escape(prefix) + r"(\d+)\.(.+)$")
         for n in mine:
-            m = pattern.match(n)
-            if m is None:
+            parsed = adapter.split_expert_name(n, layer.index)
+            if parsed is None:
                 continue
-            old = int(m.group(1))
+            old, rest = parsed
             if old not in renumber:
                 patch.drop.add(n)
             elif renumber[old] != old:
                 patch.drop.add(n)
-                patch.add[f"{prefix}{renumber[old]}.{m.group(2)}"] = reader.get(n)
+                patch.add[adapter.expert_tensor_name(layer.index, renumber[old], rest)] = reader.get(n)
     return patch
 
 

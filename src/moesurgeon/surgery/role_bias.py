@@ -12,11 +12,11 @@ Not a static logit bias, so no exact export is offered (the reasons are reported
 - forced experts: lifted to a margin above the best other logit, a per-token amount;
 - forbidden experts (-inf): router=expert_mask exports a mask exactly, as a pruned checkpoint;
 - routers without a logit-space bias tensor. Softmax routers (qwen, mixtral, olmoe) have none. A
-  choice-only correction bias (deepseek_v3 `e_score_correction_bias`) is not one: a logit boost also
-  changes the sigmoid routing weights, and sigmoid(l + b) is not sigmoid(l) + a constant, so the
-  choice differs too.
-Which tensors a router has is read off the adapter's layer (surgery.static_bias.bias_tensor), never
-off the model type.
+  choice-only bias (`adapter.choice_bias`, deepseek_v3) is not one: a logit boost also changes the
+  sigmoid routing weights, and sigmoid(l + b) is not sigmoid(l) + a constant, so the choice
+  differs too.
+Which tensors a router has is the adapter's answer (surgery/bias_export.py `bias_tensor`), never a
+test of the model type here.
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ from ..data import TokenBlocks
 from ..routers.agreement import label_groups
 from ..routers.errors import RouterConfigError
 from ..routers.role_context import RoleContext
-from ..routers.role_router import RoleAwareRouter
-from ..routers.selection import has_choice_bias
-from .static_bias import bias_tensor
+from ..routers.role_aware import RoleAwareRouter
+from .bias_export import bias_tensor
 
 
 class _RoleProbe(nn.Module):
@@ -102,6 +101,7 @@ def uniform_role_bias(custom: dict[int, nn.Module], adapter: ArchAdapter, layers
             bias_tensor(adapter, by_index[i], "logits")
     except RouterConfigError:
         extra = (" (its choice-only correction bias is no substitute: a logit boost also moves the sigmoid routing "
-                 "weights and is not a constant shift of the choice score)" if has_choice_bias(by_index[i]) else "")
+                 "weights and is not a constant shift of the choice score)"
+                 if adapter.choice_bias(by_index[i]) is not None else "")
         why.append(f"{adapter.model_type} routers have no logit-space bias tensor to hold even a uniform boost{extra}")
     return (None, "; ".join(why)) if why else (biases, "")

@@ -1,8 +1,9 @@
 """A static per-expert bias written into the family's own router bias tensor: exact for what that tensor affects.
 
-- `space="logits"` -> `router.bias` (gpt_oss computes logits = x W^T + bias): logits, selection and
-  weights are all exactly those of the in-memory StaticBiasRouter (up to rounding to the stored dtype).
-- `space="choice"` -> `e_score_correction_bias` (deepseek_v3: only the choice reads it): selection
+Which tensor holds a bias of which space is the adapter's answer (`adapter.router_bias(layer, space)`):
+- `space="logits"` -> a logit bias (gpt_oss `router.bias`: logits = x W^T + bias): logits, selection
+  and weights are all exactly those of the in-memory StaticBiasRouter (up to rounding to the stored dtype).
+- `space="choice"` -> the family's choice bias (deepseek_v3: only the choice reads it): selection
   exact, weights untouched — which is what a choice-space bias does in memory too.
 Families without such a tensor (qwen, mixtral, olmoe) cannot hold a constant logit offset in a
 standard checkpoint; asking for it is refused with the alternative (export.mode=distill).
@@ -12,24 +13,23 @@ from __future__ import annotations
 
 import torch
 
-from ..arch import ArchAdapter, MoELayer
+from ..arch import BIAS_SPACES, ArchAdapter, MoELayer
 from ..routers.errors import RouterConfigError
-
-TARGET = {"logits": "bias", "choice": "e_score_correction_bias"}
 
 
 def bias_tensor(adapter: ArchAdapter, layer: MoELayer, space: str) -> torch.Tensor:
     """The router tensor that holds a `space` bias in this family, or a RouterConfigError saying why none does."""
-    if space not in TARGET:
+    if space not in BIAS_SPACES:
         raise RouterConfigError(f"static bias space={space!r}: expected 'logits' or 'choice'")
-    name = TARGET[space]
-    tensor = getattr(layer.router, name, None)
-    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != (layer.num_experts,):
-        other = [s for s, n in TARGET.items() if isinstance(getattr(layer.router, n, None), torch.Tensor)]
-        alt = f"use space={other[0]} (this family has {TARGET[other[0]]})" if other else "export with export.mode=distill"
+    tensor = adapter.router_bias(layer, space)
+    if tensor is None:
+        other = [s for s in BIAS_SPACES if adapter.router_bias(layer, s) is not None]
+        alt = (f"use space={other[0]} (this family has {adapter.bias_attrs[other[0]]})" if other
+               else "export with export.mode=distill")
         raise RouterConfigError(
-            f"export.mode=bias: {adapter.model_type} routers have no `{name}` tensor of {layer.num_experts} entries, "
-            f"so a {space}-space bias cannot be written exactly into a standard checkpoint; {alt}")
+            f"export.mode=bias: {adapter.model_type} routers have no `{adapter.bias_attrs[space]}` tensor of "
+            f"{layer.num_experts} entries, so a {space}-space bias cannot be written exactly into a standard "
+            f"checkpoint; {alt}")
     return tensor
 
 

@@ -5,11 +5,13 @@ preferences for this layer (boost / force / forbid, see roles.py) are looked up 
 tables built once at construction, so the per-token cost is one gather and one add. Tokens without
 a role use the last, all-zero row: the family's routing unchanged.
 
-In group-limited families (deepseek_v3: only experts in the best `topk_group` of `n_group` groups
-can be chosen) a role may force experts from at most `topk_group` groups; more cannot all be chosen.
+In families with a group limit (`adapter.group_limit`, deepseek_v3: only experts in the best few
+groups can be chosen) a role may force experts from at most that many groups; more cannot all be chosen.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 
@@ -20,23 +22,28 @@ from .roles import RoleSet
 from .substitute import CustomRouter
 
 
-def _check_groups(layer: MoELayer, roles: RoleSet, force: torch.Tensor) -> None:
-    router = layer.router
-    groups, keep = getattr(router, "num_group", None), getattr(router, "topk_group", None)
-    if not groups or not keep:
+def _check_groups(adapter: ArchAdapter, layer: MoELayer, roles: RoleSet, force: torch.Tensor) -> None:
+    limit = adapter.group_limit(layer)
+    if limit is None:
         return
-    size = layer.num_experts // int(groups)
+    groups, kept = limit
+    size = layer.num_experts // groups
     for r, role in enumerate(roles.roles):
         used = sorted({e // size for e in force[r].nonzero().flatten().tolist()})
-        if len(used) > int(keep):
+        if len(used) > kept:
             raise RouterConfigError(
                 f"role {role.name!r} forces experts in groups {used} of layer {layer.index}, but this family chooses "
-                f"from the best topk_group={int(keep)} of {int(groups)} groups of {size} experts; force experts from "
-                f"at most {int(keep)} groups (or boost them instead)")
+                f"from the best {kept} of {groups} groups of {size} experts (its group limit); force experts from "
+                f"at most {kept} groups (or boost them instead)")
 
 
 class RoleAwareRouter(CustomRouter):
     """Per-token role preferences on top of the family's routing."""
+
+    # per-token roles: no standard tensor holds them, so distilled (export_plan.py still finds the special case of
+    # one uniform boost, which a family's logit bias holds exactly)
+    exact_export: ClassVar[str | None] = None
+    resources: ClassVar[tuple[str, ...]] = ("roles", "context")
 
     def __init__(self, layer: MoELayer, adapter: ArchAdapter, roles: RoleSet, context: RoleContext):
         super().__init__(layer, adapter)
@@ -49,7 +56,7 @@ class RoleAwareRouter(CustomRouter):
         self.roles = roles
         self.context = context
         bias, force, margin = roles.layer_tables(layer, self.top_k)
-        _check_groups(layer, roles, force)
+        _check_groups(adapter, layer, roles, force)
         self.register_buffer("bias_table", bias.to(self.device), persistent=False)
         self.register_buffer("force_table", force.to(self.device), persistent=False)
         self.register_buffer("margin_table", margin.to(self.device), persistent=False)

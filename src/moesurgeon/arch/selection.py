@@ -10,9 +10,9 @@ need more than that, because the family's choice is not a function of the logits
 - forced experts: softmax / top-k-on-logits families (qwen, mixtral, olmoe, gpt_oss) choose by
   logit order, so a forced expert's logit is lifted to `margin` above the best non-forced one —
   it is then chosen, and its weight is that of a top choice rather than a saturated 1.0;
-- sigmoid families with a choice-only correction bias (deepseek_v3): the choice is
-  sigmoid(logit) + e_score_correction_bias, so lifting a logit cannot out-rank a large bias. For
-  those the forcing is applied to the correction bias of a per-call view of the router, which is
+- families with a choice-only bias (`adapter.choice_bias`, deepseek_v3): the choice is
+  sigmoid(logit) + bias, so lifting a logit cannot out-rank a large bias. For those the forcing
+  is applied to the choice bias of a per-call view of the router (`with_choice_bias`), which is
   exactly where the family applies it; weights still come from the unedited sigmoid scores.
   (Excluded -inf experts need nothing here: `route_from_logits` never selects them.)
 
@@ -27,32 +27,30 @@ from dataclasses import replace
 
 import torch
 
-from ..arch import ArchAdapter, MoELayer
+from .base import ArchAdapter, MoELayer
 
-# Added to the choice score of forced experts in correction-bias families: sigmoid scores and the
+# Added to the choice score of forced experts in choice-bias families: sigmoid scores and the
 # biases are O(1), so this wins every comparison, including the group scores (sum of top-2).
 _FORCE_CHOICE_BONUS = 1.0e4
 
 
 class _ChoiceBiasView:
-    """The router as the adapter sees it, but with a per-token correction bias [T, E]."""
+    """The router as the adapter sees it, but with another choice bias (e.g. per token, [T, E])."""
 
-    def __init__(self, router: torch.nn.Module, bias: torch.Tensor):
+    def __init__(self, router: torch.nn.Module, attr: str, bias: torch.Tensor):
         self._router = router
-        self.e_score_correction_bias = bias
+        setattr(self, attr, bias)
 
     def __getattr__(self, name: str):
         return getattr(self._router, name)
 
 
-def with_choice_bias(layer: MoELayer, bias: torch.Tensor) -> MoELayer:
-    """The layer as `adapter.route_from_logits` sees it, with the correction bias replaced by `bias`."""
-    return replace(layer, router=_ChoiceBiasView(layer.router, bias))
-
-
-def has_choice_bias(layer: MoELayer) -> bool:
-    """True when the family chooses experts by score + a correction bias (deepseek_v3 style)."""
-    return isinstance(getattr(layer.router, "e_score_correction_bias", None), torch.Tensor)
+def with_choice_bias(adapter: ArchAdapter, layer: MoELayer, bias: torch.Tensor) -> MoELayer:
+    """The layer as `adapter.route_from_logits` sees it, with the family's choice bias replaced by `bias`."""
+    if adapter.choice_bias(layer) is None:
+        raise ValueError(f"router {layer.router_name}: {adapter.model_type} chooses experts without a choice-only "
+                         "bias, so there is none to replace; edit the logits instead")
+    return replace(layer, router=_ChoiceBiasView(layer.router, adapter.bias_attrs["choice"], bias))
 
 
 def lift_forced(logits: torch.Tensor, force: torch.Tensor, margin: torch.Tensor | float) -> torch.Tensor:
@@ -76,9 +74,9 @@ def route_edited(
     if force is not None and not bool(force.any()):
         force = None
     if force is not None:
-        if has_choice_bias(layer):
-            bias = layer.router.e_score_correction_bias.float() + force.float() * _FORCE_CHOICE_BONUS
-            layer = with_choice_bias(layer, bias)
+        choice_bias = adapter.choice_bias(layer)
+        if choice_bias is not None:
+            layer = with_choice_bias(adapter, layer, choice_bias.float() + force.float() * _FORCE_CHOICE_BONUS)
         else:
             logits = lift_forced(logits, force, margin)
     out = adapter.route_from_logits(layer, logits)
