@@ -59,7 +59,7 @@ def main():
     if args.write:
         here = Path(__file__).parent
         (here / "specialization.json").write_text(json.dumps(result, indent=1) + "\n")
-        from moesurgeon.experiments.common import layer_short_names
+        from moesurgeon.recipes.common import layer_short_names
         from moesurgeon.viz import plot_usage
 
         plot_usage(stats.usage_share().permute(1, 0, 2).numpy(), stats.group_names, layer_short_names(stats.layer_names),

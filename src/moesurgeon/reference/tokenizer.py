@@ -8,6 +8,7 @@
 * Role tags ``<|role=code|>``, ``<|role=english|>``, ``<|role=russian|>``,
   ``<|role=math|>`` are reserved as special tokens (one id each) for a
   role-aware router feature; they never occur in the training text.
+* Trained on :func:`tokenizer_texts`: an evenly strided sample of each domain's train split.
 * Saved as a standard ``PreTrainedTokenizerFast`` directory
   (``tokenizer.json`` + ``tokenizer_config.json``), loadable with
   ``AutoTokenizer.from_pretrained``.
@@ -15,13 +16,16 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .corpus import DOMAINS
+from . import DOMAINS
+from .documents import Corpus
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -29,9 +33,15 @@ ROLE_TOKENS: dict[str, str] = {d: f"<|role={d}|>" for d in DOMAINS}
 SPECIAL_TOKENS: list[str] = [EOS_TOKEN, PAD_TOKEN, *ROLE_TOKENS.values()]
 
 
-def role_token(domain: str) -> str:
-    """The special role-tag token for ``domain``."""
-    return ROLE_TOKENS[domain]
+def tokenizer_texts(corpus: Corpus, chars_per_domain: int) -> list[str]:
+    """Train texts for BPE, capped per domain so no single domain dominates the merges."""
+    out: list[str] = []
+    for dom in DOMAINS:
+        docs = corpus.domain_docs("train", dom)
+        size = sum(len(d.text) for d in docs)
+        stride = max(1, math.ceil(size / max(1, chars_per_domain)))  # spread over the whole domain
+        out += [d.text for d in docs[::stride]]
+    return out
 
 
 def train_tokenizer(
@@ -82,8 +92,6 @@ def make_config_portable(config_path: Path) -> None:
     expects a dict there and fails on load (experiments/compat). `additional_special_tokens` is
     read by both versions; the tokens themselves live in tokenizer.json either way.
     """
-    import json
-
     config = json.loads(config_path.read_text())
     extra = config.pop("extra_special_tokens", None)
     if isinstance(extra, list):
