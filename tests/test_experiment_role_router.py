@@ -8,19 +8,7 @@ from transformers import AutoModelForCausalLM
 from moesurgeon.recipes.role_router import ExportRefusedError
 from moesurgeon.routers import RouterConfigError
 from moesurgeon.runner import run_experiment
-from test_experiment_router_usage import compose_cfg
-from tiny_models import write_tiny_jsonl
-
-ROLES = ("+roles={code:{label:code,prefer:[{mode:boost,experts:auto,strength:2.0}]},"
-         "prose:{label:prose,prefer:[{mode:boost,experts:auto,strength:2.0}]}}")
-
-
-def cfg_for(tmp_path, ckpt, *extra, roles=ROLES):
-    data = write_tiny_jsonl(tmp_path / "data.jsonl", repeat=2)
-    return compose_cfg([
-        "experiment=role_router", f"model.path={ckpt}", "data=jsonl", f"data.heldout.path={data}",
-        f"data.train.path={data}", "data.label_field=domain", "data.block_size=32", "data.batch_size=8",
-        "progress=false", "~roles", roles, "role_router.export.distill.steps=60", *extra])
+from helpers_hydra import cfg_for
 
 
 def test_role_aware_measured_and_distilled(tiny_checkpoint, tmp_path):
@@ -51,7 +39,8 @@ def test_export_refused_below_agreement_floor(tiny_checkpoint, tmp_path):
     with pytest.raises(ExportRefusedError, match=r"agree with the custom router on [\d.]+% of held-out top-k "
                                                  r"selections, below role_router.export.min_agreement=1;.*Options: "):
         run_experiment(cfg, out)
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())  # the runner wrote the error's figures
+    assert metrics["success"] is False and metrics["error"].startswith("ExportRefusedError: distilled routers agree")
     assert metrics["export/done"] is False and 0 <= metrics["export/agreement/all"] < 1
     assert metrics["distill/outcome"] == "budget" and metrics["distill/steps_run"] == 5
     assert metrics["before/ppl/code"] > 1 and metrics["after/ppl/code"] > 1
@@ -61,8 +50,8 @@ def test_export_refused_below_agreement_floor(tiny_checkpoint, tmp_path):
 def test_expert_mask_pruned_on_deepseek(tiny_checkpoint, tmp_path):
     ckpt = tiny_checkpoint("deepseek_v3")
     out = tmp_path / "mask"
-    m = run_experiment(cfg_for(tmp_path, ckpt, "router=expert_mask", "router.experts=[2,5]", "role_router.figures=false"),
-                       out)
+    m = run_experiment(cfg_for(tmp_path, ckpt, "router=expert_mask", "role_router.router.experts=[2,5]",
+                               "role_router.figures=false"), out)
     assert m["export/mode"] == "prune" and m["export/exact"] and m["export/max_abs_logit_diff"] < 1e-5
     config = json.loads((out / "checkpoint" / "config.json").read_text())
     assert config["n_routed_experts"] == 6
@@ -72,13 +61,25 @@ def test_bad_inputs_fail_with_the_fix(tiny_checkpoint, tmp_path):
     ckpt = tiny_checkpoint("qwen3_moe")
     with pytest.raises(RouterConfigError, match=r"unknown role 'cod'.*\['code', 'prose'\]"):
         run_experiment(cfg_for(tmp_path, ckpt, "role_router.active_roles=[cod]"), tmp_path / "a")
-    with pytest.raises(RouterConfigError, match="export.mode=bias cannot express a RoleAwareRouter"):
+    with pytest.raises(RouterConfigError, match=r"role_router.export.mode=bias cannot express a RoleAwareRouter "
+                                                r"\(its exact export: none, it distils\)"):
         run_experiment(cfg_for(tmp_path, ckpt, "role_router.export.mode=bias"), tmp_path / "b")
     with pytest.raises(RouterConfigError, match="qwen3_moe routers have no `bias` tensor"):
         run_experiment(cfg_for(tmp_path, ckpt, "router=static_bias", "role_router.export.mode=bias"), tmp_path / "c")
     with pytest.raises(RouterConfigError, match=r"expert index 8 is out of range"):
-        run_experiment(cfg_for(tmp_path, ckpt, "router=expert_mask", "router.experts=[8]"), tmp_path / "d")
+        run_experiment(cfg_for(tmp_path, ckpt, "router=expert_mask", "role_router.router.experts=[8]"), tmp_path / "d")
     with pytest.raises(RouterConfigError, match=r"role 'code' would never apply: its tag '</s>'"):
-        run_experiment(cfg_for(tmp_path, ckpt, roles="+roles={code:{tag:'</s>'}}"), tmp_path / "e")
+        run_experiment(cfg_for(tmp_path, ckpt, roles="+role_router.roles={code:{tag:'</s>'}}"), tmp_path / "e")
     with pytest.raises(RouterConfigError, match=r"min_agreement=1.01: expected a share .* in \[0, 1\]"):
         run_experiment(cfg_for(tmp_path, ckpt, "role_router.export.min_agreement=1.01"), tmp_path / "f")
+    with pytest.raises(RouterConfigError, match=r"role_router.export.mode='none'.*pass export.enabled=false"):
+        run_experiment(cfg_for(tmp_path, ckpt, "role_router.export.mode=none"), tmp_path / "g")
+
+
+def test_export_switched_off_measures_only(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint("qwen3_moe")
+    out = tmp_path / "off"
+    m = run_experiment(cfg_for(tmp_path, ckpt, "export.enabled=false", "role_router.figures=false"), out)
+    assert m["export/mode"] == "none" and "export/done" not in m and not any(k.startswith("distill/") for k in m)
+    assert m["role_share/after/code"] > m["role_share/before/code"] and m["success"] is True
+    assert not (out / "checkpoint").exists()

@@ -3,22 +3,16 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from moesurgeon.config import config_dir, register_resolvers
 from moesurgeon.hooks import count_hooks
 from moesurgeon.runner import run_experiment
+from helpers_hydra import compose_cfg
 from tiny_models import write_tiny_jsonl
 
 register_resolvers()
-
-
-def compose_cfg(overrides):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 @pytest.fixture
@@ -49,7 +43,7 @@ def test_every_experiment_config_composes():
 
 
 def test_router_usage_writes_stats_plots_and_metrics(tiny_run, family):
-    metrics, out = tiny_run("router_usage", family, extra=["usage.trace=true"])
+    metrics, out = tiny_run("router_usage", family, extra=["router_usage.trace=true"])
     for f in ("usage_stats.safetensors", "usage_heatmap.png", "router_usage.html", "metrics.json",
               "config_resolved.yaml", "layer_divergence.png", "trace.jsonl"):
         assert (out / f).is_file(), f
@@ -62,8 +56,8 @@ def test_router_usage_writes_stats_plots_and_metrics(tiny_run, family):
 
 def test_usage_diff_between_two_runs(tiny_run, tmp_path):
     _, out_a = tiny_run("router_usage")
-    cfg = compose_cfg(["experiment=usage_diff", f"diff.a={out_a}/usage_stats.safetensors",
-                       f"diff.b={out_a}/usage_stats.safetensors"])
+    cfg = compose_cfg(["experiment=usage_diff", f"usage_diff.a={out_a}/usage_stats.safetensors",
+                       f"usage_diff.b={out_a}/usage_stats.safetensors"])
     metrics = run_experiment(cfg, tmp_path / "diff")
     assert metrics["shift_jsd_bits/all/mean"] == pytest.approx(0.0, abs=1e-9)
     assert (tmp_path / "diff" / "usage_diff_heatmap.png").is_file()

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from moesurgeon.arch import get_adapter
 from moesurgeon.runner import run_experiment
-from test_experiment_router_usage import compose_cfg
+from helpers_hydra import compose_cfg
 from tiny_models import write_tiny_jsonl
 
 
@@ -22,7 +22,8 @@ def overrides(tmp_path, ckpt):
 def test_topk_override_measures_and_exports(tiny_checkpoint, tmp_path, family):
     ckpt = tiny_checkpoint(family)
     out = tmp_path / "run"
-    metrics = run_experiment(compose_cfg(["experiment=topk_override", "top_k=3", *overrides(tmp_path, ckpt)]), out)
+    metrics = run_experiment(compose_cfg(["experiment=topk_override", "topk_override.top_k=3",
+                                          *overrides(tmp_path, ckpt)]), out)
     for g in ("code", "prose", "all"):
         assert metrics[f"baseline/ppl/{g}"] > 1 and metrics[f"patched/ppl/{g}"] > 1
         assert f"rel_change/ppl/{g}" in metrics
@@ -38,12 +39,14 @@ def test_topk_bad_values_and_per_layer_export_refused(tiny_checkpoint, tmp_path)
     ckpt = tiny_checkpoint("qwen3_moe")
     base = overrides(tmp_path, ckpt)
     for bad in ("0", "9"):
-        with pytest.raises(ValueError, match=rf"top_k={bad}: expected 1 <= k <= 8"):
-            run_experiment(compose_cfg(["experiment=topk_override", f"top_k={bad}", *base]), tmp_path / f"b{bad}")
+        with pytest.raises(ValueError, match=rf"topk_override.top_k={bad}: expected 1 <= k <= 8"):
+            run_experiment(compose_cfg(["experiment=topk_override", f"topk_override.top_k={bad}", *base]),
+                           tmp_path / f"b{bad}")
     with pytest.raises(ValueError, match="per-layer top-k cannot be exported"):
-        run_experiment(compose_cfg(["experiment=topk_override", "+top_k={0: 1, 2: 3}", *base]), tmp_path / "pl")
-    metrics = run_experiment(compose_cfg(["experiment=topk_override", "+top_k={0: 1, 2: 3}", "topk.export=false", *base]),
-                             tmp_path / "pl2")
+        run_experiment(compose_cfg(["experiment=topk_override", "topk_override.top_k={0: 1, 2: 3}", *base]),
+                       tmp_path / "pl")
+    metrics = run_experiment(compose_cfg(["experiment=topk_override", "topk_override.top_k={0: 1, 2: 3}",
+                                          "export.enabled=false", *base]), tmp_path / "pl2")
     assert "export/dir" not in metrics and metrics["patched/ppl/all"] > 1
     assert not (tmp_path / "pl2" / "checkpoint").exists()
 
@@ -51,8 +54,14 @@ def test_topk_bad_values_and_per_layer_export_refused(tiny_checkpoint, tmp_path)
 def test_topk_sweep_table_and_plot(tiny_checkpoint, tmp_path):
     ckpt = tiny_checkpoint("mixtral")
     out = tmp_path / "sweep"
-    metrics = run_experiment(compose_cfg(["experiment=topk_sweep", "sweep.max_k=3", *overrides(tmp_path, ckpt)]), out)
+    metrics = run_experiment(compose_cfg(["experiment=topk_sweep", "topk_sweep.max_k=3", *overrides(tmp_path, ckpt)]),
+                             out)
     rows = list(csv.DictReader(open(out / "topk_sweep.csv")))
     assert [int(r["top_k"]) for r in rows] == [1, 2, 3]
     assert (out / "topk_sweep.png").stat().st_size > 1000
-    assert metrics["best_k_by_ppl_all"] in (1, 2, 3) and metrics["k2/tokens_per_s"] > 0
+    # the metrics hold exactly the table's figures, and the best k is the table's lowest perplexity
+    ppl_all = {int(r["top_k"]): float(r["ppl/all"]) for r in rows}
+    assert {k: metrics[f"k{k}/ppl/all"] for k in (1, 2, 3)} == ppl_all
+    assert metrics["best_k_by_ppl_all"] == min(ppl_all, key=ppl_all.get)
+    assert metrics["trained_top_k"] == json.loads((ckpt / "config.json").read_text())["num_experts_per_tok"]
+    assert metrics["k2/tokens_per_s"] == float(rows[1]["tokens_per_s"]) > 0

@@ -10,11 +10,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from moesurgeon.config import config_dir, model_spec, register_resolvers
-from moesurgeon.recipes.common import resolve_threads
+from moesurgeon.config import config_dir, register_resolvers
 from moesurgeon.models import ModelLoadError, ModelSpec, load_config_dict, load_model
 from moesurgeon.model_source import resolve_device, resolve_source
-from moesurgeon.runner import run_experiment
+from moesurgeon.run_context import resolve_threads
+from moesurgeon.runner import model_spec, run_experiment
 from tiny_models import write_tiny_jsonl
 
 register_resolvers()
@@ -39,7 +39,7 @@ def _edit_config(ckpt, **changes):
 def test_model_local_without_path_is_refused():
     cfg = compose_cfg(["experiment=router_usage", "model=local"])
     with pytest.raises(ModelLoadError, match="model.path is not set"):
-        model_spec(cfg)
+        model_spec(cfg.model)
 
 
 def test_default_device_is_the_best_available():
@@ -193,7 +193,7 @@ def test_export_from_a_hub_id_in_the_cache(tiny_checkpoint, tmp_path):
     data = write_tiny_jsonl(tmp_path / "eval.jsonl")
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "moesurgeon", "experiment=topk_override", "top_k=1",
+    proc = subprocess.run([sys.executable, "-m", "moesurgeon", "experiment=topk_override", "topk_override.top_k=1",
                            "model.path=acme/tiny-moe", "data=jsonl", f"data.heldout.path={data}",
                            "data.label_field=domain", "data.block_size=32", "progress=false", f"hydra.run.dir={out}"],
                           capture_output=True, text=True, timeout=300, env=env)

@@ -9,7 +9,7 @@ from collections import namedtuple
 import pytest
 from hydra import compose, initialize_config_dir
 
-import moesurgeon.recipes.common as common
+import moesurgeon.run_context as run_context
 from moesurgeon.config import config_dir, register_resolvers
 from moesurgeon.data import DataError
 from moesurgeon.io import CheckpointError
@@ -30,7 +30,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the failing check")
 
-    monkeypatch.setattr(common, "load_model", refuse)
+    monkeypatch.setattr(run_context, "load_model", refuse)
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def topk_cfg(tiny_checkpoint, tmp_path):
     data = write_tiny_jsonl(tmp_path / "eval.jsonl")
 
     def make(*extra):
-        return compose_cfg(["experiment=topk_override", "top_k=1", f"model.path={ckpt}", "data=jsonl",
+        return compose_cfg(["experiment=topk_override", "topk_override.top_k=1", f"model.path={ckpt}", "data=jsonl",
                             f"data.heldout.path={data}", "data.label_field=domain", "data.block_size=32",
                             "progress=false", *extra])
 
@@ -81,7 +81,8 @@ def test_missing_data_refused_before_loading(topk_cfg, tmp_path, no_model_load):
 
 @pytest.mark.parametrize("args, message", [
     (["experiment=router_usage", "model=local"], "model.path is not set"),
-    (["experiment=topk_override", "top_k=0"], "top_k=0: expected 1 <= k <="),
+    (["experiment=topk_override", "topk_override.top_k=0"], "topk_override.top_k=0: expected 1 <= k <="),
+    (["experiment=topk_sweep", "topk_sweep.max_k=two"], "topk_sweep.max_k='two': expected an integer or null"),
     (["experiment=router_usage", "model.path=./no/such/dir"], "does not exist locally"),
 ])
 def test_cli_user_error_is_one_line_and_exit_2(args, message, tmp_path):

@@ -19,7 +19,7 @@ from moesurgeon.arch import get_adapter
 from moesurgeon.lora import ResumeError, RouterLoraSpec, find_resume_dir, lora_state, wrap_routers
 from moesurgeon.lora import checkpointing
 from moesurgeon.lora.checkpointing import STATE_DIR, read_checkpoint
-from test_router_lora import train_tiny
+from helpers_lora import train_tiny
 from tiny_models import tiny_model
 
 # 6 steps, a checkpoint every 2, all three kept: step-000002, -000004, -000006
@@ -120,7 +120,7 @@ def test_only_checkpoint_damaged_raises_resume_error(run):
     for err in (from_finder.value, from_trainer.value):
         message = str(err)
         assert "step-000006/rng-rank0.pt: is not a readable torch file" in message
-        assert f"delete {run / STATE_DIR}" in message and "resume=false" in message
+        assert f"delete {run / STATE_DIR}" in message and "router_lora.resume=false" in message
         assert TORCH_ADVICE not in full_text(err)
 
 

@@ -18,7 +18,7 @@ from moesurgeon.routers.distill import DistillConfig
 from moesurgeon.routers.export_plan import check_sample, plan_distilled
 from moesurgeon.runner import run_experiment
 from moesurgeon.data import TokenBlocks
-from test_experiment_role_router import cfg_for
+from helpers_hydra import cfg_for
 from tiny_models import TINY_TEXTS, tiny_model
 
 
@@ -27,9 +27,9 @@ def boost(experts, strength=2.0):
 
 
 # both roles push the same experts by the same amount: one static logit bias for every token
-UNIFORM = f"+roles={{code:{{label:code,{boost('[1,2]')}}},prose:{{label:prose,{boost('[1,2]')}}}}}"
+UNIFORM = f"+role_router.roles={{code:{{label:code,{boost('[1,2]')}}},prose:{{label:prose,{boost('[1,2]')}}}}}"
 # opposite experts for the two roles
-OPPOSITE = f"+roles={{code:{{label:code,{boost('[0,1]', 4.0)}}},prose:{{label:prose,{boost('[6,7]', 4.0)}}}}}"
+OPPOSITE = f"+role_router.roles={{code:{{label:code,{boost('[0,1]', 4.0)}}},prose:{{label:prose,{boost('[6,7]', 4.0)}}}}}"
 
 
 def write_same_text_both_labels(path):
@@ -48,13 +48,13 @@ def test_unreachable_floor_refused_early_from_the_cli(tiny_checkpoint, tmp_path)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "moesurgeon", "experiment=role_router", f"model.path={ckpt}", "data=jsonl",
            f"data.heldout.path={data}", f"data.train.path={data}", "data.label_field=domain", "data.block_size=32",
-           "data.batch_size=8", "progress=false", "role_router.figures=false", "~roles", OPPOSITE,
+           "data.batch_size=8", "progress=false", "role_router.figures=false", "~role_router.roles", OPPOSITE,
            "role_router.export.distill.steps=300", "role_router.export.distill.check_every=5", f"hydra.run.dir={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert "distillation gave up after" in proc.stderr and "min_agreement=0.9" in proc.stderr
     assert "No exact export exists for this router here" in proc.stderr and "steered differently" in proc.stderr
-    assert "role_router.export.mode=none" in proc.stderr
+    assert "export.enabled=false" in proc.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert m["export/done"] is False and m["distill/outcome"] == "unreachable"
     assert m["distill/stopped_early_step"] == m["distill/steps_run"] == m["distill/decided_step"] < 300

@@ -11,39 +11,21 @@ import torch
 from torch import nn
 
 from moesurgeon.arch import ArchAdapter, get_adapter
-from moesurgeon.data import DataError, TokenBlocks
+from moesurgeon.data import DataError
+from moesurgeon.errors import ConfigError
 from moesurgeon.lora import (
     ResumeError, RouterLoraError, RouterLoraSpec, TrainConfig, TrainConfigError, find_resume_dir,
-    load_balancing_loss, lora_state, lora_targets, make_accelerator, merge_routers, train_router_lora,
-    trainable_report, wrap_routers,
+    load_balancing_loss, lora_state, lora_targets, merge_routers, trainable_report, wrap_routers,
 )
 from moesurgeon.lora.checkpointing import check_compatible
 from moesurgeon.lora.data_stream import BlockStream
 from moesurgeon.lora.schedule import lr_factor
+from moesurgeon.recipes.convert import to_settings
+from moesurgeon.recipes.settings import RouterLoraSettings
+from helpers_lora import random_blocks, train_tiny
 from tiny_models import tiny_model, write_tiny_jsonl
 
 TRAIN_FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"]
-
-
-def random_blocks(n=12, length=16, seed=0) -> TokenBlocks:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(n, length, dtype=torch.long)
-    mask[-1, length // 2:] = 0  # one padded block
-    return TokenBlocks(torch.randint(3, 90, (n, length), generator=g), mask, torch.zeros(n, dtype=torch.long), ["x"])
-
-
-def train_tiny(model, run_dir: Path, *, resume_from=None, on_step=None, **overrides):
-    """Wrap `model`'s routers and train; returns the PeftModel."""
-    adapter = get_adapter(model)
-    layers = adapter.moe_layers(model)
-    peft_model = wrap_routers(model, adapter, RouterLoraSpec(rank=2))
-    tcfg = TrainConfig(**{"steps": 3, "lr": 1e-2, "warmup_steps": 1, "batch_size": 4, "log_every": 1, **overrides})
-    train_router_lora(
-        peft_model, random_blocks(), tcfg, accelerator=make_accelerator("cpu"), top_k=adapter.get_top_k(layers[0]),
-        scoring=adapter.scoring, layer_names=[l.router_name for l in layers], run_dir=run_dir,
-        settings={"train": tcfg.result_settings()}, resume_from=resume_from, progress=False, on_step=on_step,
-    )
-    return peft_model
 
 
 # ----------------------------------------------------------------------------- what trains
@@ -104,7 +86,7 @@ def test_aux_loss_equals_transformers_own(family):
     mask[1, 7:] = 0
     out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
     k = adapter.get_top_k(adapter.moe_layers(model)[0])
-    ours = load_balancing_loss(out.router_logits, k, mask, adapter.scoring)
+    ours = load_balancing_loss(out.router_logits, k, mask, adapter)
     torch.testing.assert_close(ours, out.aux_loss.float(), rtol=1e-6, atol=1e-6)
 
 
@@ -163,16 +145,22 @@ def test_schedule_warms_up_and_decays():
 
 # ----------------------------------------------------------------------------- bad input
 def test_bad_settings_fail_with_clear_messages():
-    with pytest.raises(TrainConfigError, match=r"train.lr=0.*positive"):
+    with pytest.raises(TrainConfigError, match=r"router_lora.train.lr=0.*positive"):
         TrainConfig(lr=0)
-    with pytest.raises(TrainConfigError, match=r"train.lr=-0.001"):
+    with pytest.raises(TrainConfigError, match=r"router_lora.train.lr=-0.001"):
         TrainConfig(lr=-1e-3)
-    with pytest.raises(TrainConfigError, match=r"train.steps=0: expected a positive integer"):
+    with pytest.raises(TrainConfigError, match=r"router_lora.train.steps=0: expected a positive integer"):
         TrainConfig(steps=0)
-    with pytest.raises(TrainConfigError, match=r"train.steps=-5"):
+    with pytest.raises(TrainConfigError, match=r"router_lora.train.steps=-5"):
         TrainConfig(steps=-5)
-    with pytest.raises(TrainConfigError, match="unknown train settings"):
-        TrainConfig.from_mapping({"stpes": 3})
+    # the settings conversion (the one way from config to TrainConfig) names unknown keys and wrong types
+    with pytest.raises(ConfigError, match=r"router_lora.train.stpes is not a setting of router_lora.train; its "
+                                          r"settings are: steps, lr, "):
+        to_settings(RouterLoraSettings, {"train": {"stpes": 3}}, "router_lora")
+    with pytest.raises(ConfigError, match=r"router_lora.train.steps='many': expected an integer$"):
+        to_settings(RouterLoraSettings, {"train": {"steps": "many"}}, "router_lora")
+    with pytest.raises(TrainConfigError, match=r"router_lora.train.lr=0.0: the learning rate must be a positive"):
+        to_settings(RouterLoraSettings, {"train": {"lr": 0}}, "router_lora")
     with pytest.raises(RouterLoraError, match="lora.rank=0"):
         RouterLoraSpec(rank=0)
 
@@ -201,7 +189,7 @@ def checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def lora_cfg(tmp_path, tiny_checkpoint):
-    from test_experiment_router_usage import compose_cfg
+    from helpers_hydra import compose_cfg
 
     ckpt = tiny_checkpoint("qwen3_moe")
     data = write_tiny_jsonl(tmp_path / "data.jsonl", repeat=1)  # 3 documents per domain: keeps the runs short
@@ -210,8 +198,9 @@ def lora_cfg(tmp_path, tiny_checkpoint):
         return compose_cfg([
             "experiment=router_lora", f"model.path={ckpt}", "data=jsonl", "data.label_field=domain",
             f"data.heldout.path={data}", f"data.train.path={data}", "data.block_size=32", "data.batch_size=8",
-            "progress=false", "lora.domain=code", "lora.rank=2", "train.steps=4", "train.warmup_steps=1",
-            "train.batch_size=4", "train.lr=1e-2", "train.log_every=2", *extra,
+            "progress=false", "router_lora.domain=code", "router_lora.lora.rank=2", "router_lora.train.steps=4",
+            "router_lora.train.warmup_steps=1", "router_lora.train.batch_size=4", "router_lora.train.lr=1e-2",
+            "router_lora.train.log_every=2", *extra,
         ])
 
     make.ckpt = ckpt
@@ -221,16 +210,21 @@ def lora_cfg(tmp_path, tiny_checkpoint):
 def test_experiment_bad_inputs(lora_cfg, tmp_path):
     from moesurgeon.runner import run_experiment
 
-    with pytest.raises(DataError, match=r"lora.domain='klingon' is absent.*domains present: \['code', 'prose'\]"):
-        run_experiment(lora_cfg("lora.domain=klingon"), tmp_path / "r1")
+    with pytest.raises(DataError, match=r"router_lora.domain='klingon' is absent.*domains present: "
+                                        r"\['code', 'prose'\]"):
+        run_experiment(lora_cfg("router_lora.domain=klingon"), tmp_path / "r1")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError, match="data.train: .*holds no examples"):
         run_experiment(lora_cfg(f"data.train.path={empty}"), tmp_path / "r2")
-    with pytest.raises(TrainConfigError, match="train.lr"):
-        run_experiment(lora_cfg("train.lr=0"), tmp_path / "r3")
+    with pytest.raises(TrainConfigError, match="router_lora.train.lr=0.0"):
+        run_experiment(lora_cfg("router_lora.train.lr=0"), tmp_path / "r3")
     with pytest.raises(RouterLoraError, match="lora.rank=64 exceeds"):
-        run_experiment(lora_cfg("lora.rank=64"), tmp_path / "r4")
+        run_experiment(lora_cfg("router_lora.lora.rank=64"), tmp_path / "r4")
+    # a failed run still writes metrics.json: success false and the error
+    failed = json.loads((tmp_path / "r4" / "metrics.json").read_text())
+    assert failed["experiment"] == "router_lora" and failed["success"] is False
+    assert failed["error"].startswith("RouterLoraError: router_lora.lora.rank=64 exceeds")
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # PEFT 0.21 on transformers 5
@@ -273,14 +267,14 @@ def test_experiment_end_to_end(lora_cfg, tmp_path, monkeypatch, caplog):
     # resume=true on the finished run trains no further step and gives the same figures; with a
     # guard that cannot pass (forced below any change) the run still ends and writes its metrics
     monkeypatch.setattr("moesurgeon.recipes.router_lora.check_bound", lambda bound: -1.0)
-    with caplog.at_level("ERROR", logger="moesurgeon"):
-        again = run_experiment(lora_cfg("resume=true", "lora.usage_reports=false"), run)  # replaces <run>/checkpoint
+    with caplog.at_level("ERROR", logger="moesurgeon"):  # the run owns <run>/checkpoint: the rerun replaces it
+        again = run_experiment(lora_cfg("router_lora.resume=true", "router_lora.usage_reports=false"), run)
     assert again["train/start_step"] == 4 and again["tuned/ppl/code"] == metrics["tuned/ppl/code"]
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["guard/passed"] is False and saved["success"] is False
     assert "REGRESSION GUARD FAILED" in caplog.text
     with pytest.raises(ResumeError, match=r"train.lr: 0.01 -> 0.02"):
-        run_experiment(lora_cfg("lora.export=false", "resume=true", "train.lr=2e-2"), run)
+        run_experiment(lora_cfg("export.enabled=false", "router_lora.resume=true", "router_lora.train.lr=2e-2"), run)
 
 
 def test_regression_guard_verdicts(caplog):

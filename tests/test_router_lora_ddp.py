@@ -29,8 +29,9 @@ def test_two_processes_finish_and_agree(tiny_checkpoint, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "moesurgeon", "experiment=router_lora", f"model.path={ckpt}", "data=jsonl",
         "data.label_field=domain", f"data.heldout.path={data}", f"data.train.path={data}", "data.block_size=32",
-        "progress=false", "lora.domain=code", "lora.rank=2", "train.steps=4", "train.warmup_steps=1",
-        "train.batch_size=2", "train.lr=1e-2", "train.log_every=2", "train.save_every=2", "lora.export=false",
+        "progress=false", "router_lora.domain=code", "router_lora.lora.rank=2", "router_lora.train.steps=4",
+        "router_lora.train.warmup_steps=1", "router_lora.train.batch_size=2", "router_lora.train.lr=1e-2",
+        "router_lora.train.log_every=2", "router_lora.train.save_every=2", "export.enabled=false",
         f"hydra.run.dir={run}",  # one run dir for both processes
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}

@@ -7,7 +7,7 @@
 #    when the versions already match;
 # 2. with the MAIN venv ($MOESURGEON_PY, default <repo>/.venv/bin/python) writes patched checkpoints of the
 #    embedded reference Qwen3-MoE:
-#      topk3     - `python -m moesurgeon experiment=topk_override top_k=3` (config.json edit only)
+#      topk3     - `python -m moesurgeon experiment=topk_override topk_override.top_k=3` (config.json edit only)
 #      router    - every router weight perturbed in memory, exported with export_patched_model (tensors only)
 #      router_k4 - routers perturbed (other seed) + top-k 4 (tensors and config.json)
 #    plus the unpatched source as `reference` (control, and the baseline for the non-vacuity check);
@@ -78,8 +78,8 @@ fi
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 cd "$ROOT"
 
-log "topk3: python -m moesurgeon experiment=topk_override top_k=3 (main venv)"
-"$MAIN_PY" -m moesurgeon experiment=topk_override top_k=3 "hydra.run.dir=$WORK/topk" progress=false \
+log "topk3: python -m moesurgeon experiment=topk_override topk_override.top_k=3 (main venv)"
+"$MAIN_PY" -m moesurgeon experiment=topk_override topk_override.top_k=3 "hydra.run.dir=$WORK/topk" progress=false \
     > "$WORK/topk.log" 2>&1 || { tail -30 "$WORK/topk.log"; exit 1; }
 grep -E "ppl|exported" "$WORK/topk.log" | sed 's/^.*\] - /    /'
 

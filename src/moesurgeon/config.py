@@ -1,17 +1,16 @@
-"""Where the Hydra configs live, the `${ms_asset:...}` resolver, and typed views of config groups.
+"""Where the Hydra configs live, and what they refer to besides files.
 
-Configs sit in the checkout's top-level `conf/`; a wheel carries them as `moesurgeon/conf`.
-Only experiment code touches DictConfig: it turns groups into the typed specs below.
+Configs sit in the checkout's top-level `conf/`; a wheel carries them as `moesurgeon/conf`. Besides
+those files the configs use the `${ms_asset:NAME}` resolver (a shipped asset's path) and each
+experiment's settings defaults, stored from its settings dataclass (recipes/settings.py) as the
+config `NAME/default`; `register_resolvers` registers both before Hydra composes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
-from .data import DataSpec
-from .models import ModelLoadError, ModelSpec
+from omegaconf import OmegaConf
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -33,42 +32,9 @@ def asset_path(name: str) -> str:
 
 
 def register_resolvers() -> None:
+    """Register the `${ms_asset:...}` resolver and the experiments' settings defaults (`NAME/default`)."""
+    from .recipes.settings import register_settings
+
     if not OmegaConf.has_resolver("ms_asset"):
         OmegaConf.register_new_resolver("ms_asset", asset_path)
-
-
-def model_spec(cfg: DictConfig) -> ModelSpec:
-    m = cfg.model
-    if OmegaConf.is_missing(m, "path") or m.get("path") in (None, ""):
-        raise ModelLoadError("model.path is not set: model=local needs model.path=DIR (a Hugging Face checkpoint "
-                             "directory) or model.path=ORG/NAME (a hub id); drop model=local to use the embedded model")
-    return ModelSpec(
-        path=str(m.path), dtype=str(m.dtype), device=str(m.get("device", "auto")), device_map=m.get("device_map"),
-        trust_remote_code=bool(m.trust_remote_code), attn_implementation=m.get("attn_implementation"),
-        experts_implementation=m.get("experts_implementation"), tokenizer=m.get("tokenizer"),
-        allow_pickle=bool(m.get("allow_pickle", False)),
-    )
-
-
-def data_spec(cfg: DictConfig, split: str = "heldout", only_labels=None) -> DataSpec:
-    d = cfg.data
-    part = d[split]
-    if part is None or part.get("path") is None:
-        raise ValueError(f"data.{split}.path is not set: pass data.{split}.path=<file or dataset dir>")
-    return DataSpec(
-        path=str(part.path), format=str(d.format), text_field=str(d.text_field),
-        label_field=d.get("label_field"), split=part.get("split"), block_size=int(d.block_size),
-        max_examples=part.get("max_examples", d.get("max_examples")),
-        only_labels=list(only_labels) if only_labels else None, seed=int(cfg.get("seed", 0)),
-    )
-
-
-def export_options(cfg: DictConfig):
-    from .export import ExportOptions
-
-    e = cfg.export
-    return ExportOptions(
-        mode=str(e.mode), max_shard_size=str(e.max_shard_size), link=str(e.link), overwrite=bool(e.overwrite),
-        verify_reload=e.verify_reload, verify_max_bytes=str(e.verify_max_bytes),
-        allow_pickle=bool(cfg.model.get("allow_pickle", False)),
-    )
+    register_settings()

@@ -95,7 +95,8 @@ def check_local_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict
     if not p.is_dir():
         hint = ""
         if "moesurgeon/assets" in str(p).replace("\\", "/"):
-            hint = "; the embedded model is rebuilt by `python -m moesurgeon experiment=build_reference reference.install=true`"
+            hint = ("; the embedded model is rebuilt by `python -m moesurgeon experiment=build_reference "
+                    "build_reference.install=true`")
         raise ModelLoadError(f"model.path={str(path)!r} is not a directory: expected a Hugging Face model directory "
                              f"with config.json and *.safetensors{hint}")
     config = read_config_json(p)

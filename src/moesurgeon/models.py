@@ -44,8 +44,8 @@ def local_dir(spec: ModelSpec) -> Path:
     return resolve_source(spec.path)
 
 
-def load_config_dict(spec: ModelSpec) -> dict:
-    """config.json of the checked checkpoint; every file-level check runs here, before any weight is read."""
+def check_source(spec: ModelSpec) -> tuple[Path, dict]:
+    """(local checkpoint directory, its config.json): every file-level check, before any weight is read."""
     model_dir = local_dir(spec)
     config = check_local_checkpoint(model_dir, allow_pickle=spec.allow_pickle)
     tokenizer_source(model_dir, spec.tokenizer)
@@ -53,14 +53,20 @@ def load_config_dict(spec: ModelSpec) -> dict:
         raise ModelLoadError(f"model.dtype={spec.dtype!r}: expected one of {sorted(_DTYPES) + ['auto']}")
     if not spec.device_map:
         resolve_device(spec.device)
-    return config
+    return model_dir, config
 
 
-def load_tokenizer(spec: ModelSpec):
-    """The tokenizer of `model.tokenizer`, else the model directory's own (cheap: no weights are read)."""
+def load_config_dict(spec: ModelSpec) -> dict:
+    """config.json of the checked checkpoint (see `check_source`)."""
+    return check_source(spec)[1]
+
+
+def load_tokenizer(spec: ModelSpec, source_dir: Path | None = None):
+    """The tokenizer of `model.tokenizer`, else the model directory's own (cheap: no weights are read).
+    `source_dir`: the checkpoint directory `check_source` returned (saves resolving `spec.path` again)."""
     from transformers import AutoTokenizer
 
-    tok_dir = tokenizer_source(local_dir(spec), spec.tokenizer)
+    tok_dir = tokenizer_source(source_dir or local_dir(spec), spec.tokenizer)
     try:
         return AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -68,12 +74,14 @@ def load_tokenizer(spec: ModelSpec):
                              "model.tokenizer=DIR_OR_HUB_ID with a working tokenizer for this model") from None
 
 
-def load_model(spec: ModelSpec, tokenizer=None):
-    """Return (model in eval mode, tokenizer, adapter); `tokenizer` is loaded from the spec when not given."""
+def load_model(spec: ModelSpec, tokenizer=None, *, source_dir: Path | None = None):
+    """Return (model in eval mode, tokenizer, adapter); `tokenizer` is loaded from the spec when not given.
+
+    `source_dir`: the directory `check_source(spec)` already checked (a run context passes it, so that
+    config.json is read once per run); without it the checks run here."""
     from transformers import AutoModelForCausalLM
 
-    load_config_dict(spec)
-    model_dir = local_dir(spec)
+    model_dir = source_dir if source_dir is not None else check_source(spec)[0]
     device = spec.device_map or resolve_device(spec.device)
     kwargs = dict(
         dtype=_DTYPES.get(spec.dtype, "auto"),
@@ -92,7 +100,7 @@ def load_model(spec: ModelSpec, tokenizer=None):
     if spec.experts_implementation:
         model.set_experts_implementation(spec.experts_implementation)
     model.eval()
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec, model_dir)
     adapter: ArchAdapter = get_adapter(model)
     layers = adapter.moe_layers(model)
     log.info(

@@ -146,7 +146,7 @@ class ConfigJson:
             raise ExpertCountError(
                 f"pruning leaves {new_count} experts, which {groups_key}={n_group} does not divide: group-limited "
                 f"routing ({self.model_type}) cannot hold that. Mask a multiple of {n_group} experts, the same "
-                f"number in each group of {size}, for an exact export; or export with export.mode=distill")
+                f"number in each group of {size}, for an exact export; or export with role_router.export.mode=distill")
         return ExpertCountEdits(edits, False, f"the mask removes experts unevenly across the {n_group} groups "
                                               f"(removed per group: {sorted(per_group)}), so pruned experts regroup "
                                               f"and the group limit ({kept_key}={topk_group}) picks differently")

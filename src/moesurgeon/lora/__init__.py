@@ -1,6 +1,6 @@
 """Router LoRA: train low-rank updates of the MoE routers only (PEFT), checkpoint, resume, merge.
 
-`wrap_routers` -> `train_router_lora` -> `merge_routers`; experiments/router_lora.py strings them
+`wrap_routers` -> `train_router_lora` -> `merge_routers`; recipes/router_lora.py strings them
 together with evaluation and export.
 """
 

@@ -160,7 +160,7 @@ def check_fits(ckpt: Path, state: dict, lora_params: dict[str, torch.nn.Paramete
         if saved[name].shape != param.shape:
             raise DamagedCheckpointError(lora_file, f"tensor {name!r} has shape {list(saved[name].shape)}, this model "
                                                     f"expects {list(param.shape)}: the file comes from another run or "
-                                                    "LoRA setup (another lora.rank or model)")
+                                                    "LoRA setup (another router_lora.lora.rank or model)")
     groups, moments = state["optimizer"]["param_groups"], state["optimizer"]["state"]
     found, expected = [len(g["params"]) for g in groups], [len(g["params"]) for g in optimizer.param_groups]
     if found != expected:

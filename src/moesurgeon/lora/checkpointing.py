@@ -209,8 +209,8 @@ def _first_usable(candidates: list[Path], use, where: Path) -> tuple[Path, dict]
     listing = "\n".join(f"  - {err}" for err in damaged)
     raise ResumeError(
         f"cannot resume from {where}: none of its {len(damaged)} checkpoint(s) is intact:\n{listing}\n"
-        f"To go on, delete {where} and train from the start, or start without resume (resume=false) in another "
-        "run directory; to keep the damaged files for inspection, move them out of the way first"
+        f"To go on, delete {where} and train from the start, or start without resume (router_lora.resume=false) "
+        "in another run directory; to keep the damaged files for inspection, move them out of the way first"
     )
 
 
@@ -233,9 +233,9 @@ def find_resume_dir(resume, run_dir: Path) -> Path | None:
         if str(resume).lower() == "auto":
             return None
         raise ResumeError(
-            f"resume=true but {run_dir / STATE_DIR} holds no checkpoint: resume continues the run in the same "
-            "run directory (pass hydra.run.dir=<that run's dir>), or pass resume=<path to its train_state>; "
-            "use resume=auto to start fresh when there is nothing to resume"
+            f"router_lora.resume=true but {run_dir / STATE_DIR} holds no checkpoint: resume continues the run in "
+            "the same run directory (pass hydra.run.dir=<that run's dir>), or pass router_lora.resume=<path to its "
+            "train_state>; use router_lora.resume=auto to start fresh when there is nothing to resume"
         )
     path = Path(str(resume)).expanduser()
     for candidate in (path, path / STATE_DIR):
@@ -246,7 +246,7 @@ def find_resume_dir(resume, run_dir: Path) -> Path | None:
         if found:
             return newest_intact(candidate, [p for _, p in reversed(found)])
     raise ResumeError(
-        f"resume={str(resume)!r} holds no router-LoRA checkpoint: expected a run directory with "
+        f"router_lora.resume={str(resume)!r} holds no router-LoRA checkpoint: expected a run directory with "
         f"{STATE_DIR}/step-*/, a {STATE_DIR} directory, or one step-* directory with {META}"
     )
 
@@ -260,7 +260,7 @@ def check_compatible(ckpt: Path, settings: dict, world_size: int) -> dict:
             f"cannot resume from {ckpt}: it was written with a different training configuration "
             f"(fingerprint {meta.get('fingerprint')} vs {fingerprint(settings)}); differences: "
             f"{'; '.join(diffs[:8]) or 'unknown'}. Resume with the original settings, or start a new run "
-            "(resume=false, or another run directory)"
+            "(router_lora.resume=false, or another run directory)"
         )
     if int(meta.get("world_size", 1)) != world_size:
         raise ResumeError(f"checkpoint {ckpt} was written by {meta.get('world_size')} processes, this run has "

@@ -19,7 +19,7 @@ class BlockStream:
         if len(blocks) == 0:
             raise ValueError("the training split has no token blocks; point data.train at a non-empty corpus")
         if micro_batch <= 0:
-            raise ValueError(f"train.batch_size={micro_batch!r}: expected a positive integer")
+            raise ValueError(f"router_lora.train.batch_size={micro_batch!r}: expected a positive integer")
         self.blocks = blocks
         self.micro_batch = micro_batch
         self.seed = seed

@@ -17,7 +17,7 @@ log = logging.getLogger("moesurgeon")
 
 def check_bound(bound) -> float:
     if isinstance(bound, bool) or not isinstance(bound, (int, float)) or bound < 0:
-        raise ValueError(f"lora.guard_bound={bound!r}: expected a fraction >= 0, e.g. lora.guard_bound=0.02 (2%)")
+        raise ValueError(f"router_lora.guard_bound={bound!r}: expected a fraction >= 0, e.g. router_lora.guard_bound=0.02 (2%)")
     return float(bound)
 
 
@@ -58,8 +58,8 @@ def announce(verdict: dict) -> None:
     bar = "!" * 78
     log.error(bar)
     log.error("REGRESSION GUARD FAILED: %s held-out perplexity rose %+.3f%%, above the bound of %.2f%% "
-              "(lora.guard_bound).", verdict["guard/worst_domain"], 100 * verdict["guard/max_other_rel_change"],
+              "(router_lora.guard_bound).", verdict["guard/worst_domain"], 100 * verdict["guard/max_other_rel_change"],
               100 * verdict["guard/bound"])
-    log.error("The adapter and checkpoint were still written; lower train.lr / train.steps, raise "
-              "train.aux_coef, or do not ship this checkpoint.")
+    log.error("The adapter and checkpoint were still written; lower router_lora.train.lr / .steps, raise "
+              "router_lora.train.aux_coef, or do not ship this checkpoint.")
     log.error(bar)

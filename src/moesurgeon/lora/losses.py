@@ -33,26 +33,14 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch
     return loss / max(n, 1), n
 
 
-def _as_adapter(adapter: ArchAdapter | str) -> ArchAdapter:
-    """Transitional: callers not yet switched to the adapter (lora/trainer.py) pass its scoring name."""
-    if isinstance(adapter, ArchAdapter):
-        return adapter
-    if adapter not in ("softmax", "sigmoid"):
-        raise ValueError(f"scoring={adapter!r}: expected 'softmax' or 'sigmoid'; pass the model's ArchAdapter")
-    scoring_only = ArchAdapter(f"<{adapter} scoring>")
-    scoring_only.scoring = adapter  # type: ignore[misc]  # the only attribute `distribution` reads
-    return scoring_only
-
-
 def load_balancing_loss(
     router_logits: tuple[torch.Tensor, ...],
     top_k: int,
     attention_mask: torch.Tensor | None,
-    adapter: ArchAdapter | str,
+    adapter: ArchAdapter,
 ) -> torch.Tensor:
     """Switch load-balancing loss over all MoE layers; padding excluded. 1.0 x k means perfectly balanced.
-    `adapter` gives the family's distribution over experts (a scoring name is accepted until callers move)."""
-    adapter = _as_adapter(adapter)
+    `adapter` gives the family's distribution over experts."""
     if not router_logits:
         raise ValueError(
             "the model returned no router logits with output_router_logits=True: the routers were replaced "
@@ -82,9 +70,8 @@ def load_balancing_loss(
 
 @torch.no_grad()
 def routing_entropy_bits(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor,
-                         adapter: ArchAdapter | str) -> list[float]:
+                         adapter: ArchAdapter) -> list[float]:
     """Mean entropy (bits) of each MoE layer's distribution over experts (the adapter's), over real tokens."""
-    adapter = _as_adapter(adapter)
     mask = attention_mask.reshape(-1).float()
     out = []
     for logits in router_logits:

@@ -39,9 +39,9 @@ class RouterLoraSpec:
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise RouterLoraError(f"lora.rank={self.rank!r}: expected a positive integer, e.g. lora.rank=8")
+            raise RouterLoraError(f"router_lora.lora.rank={self.rank!r}: expected a positive integer, e.g. router_lora.lora.rank=8")
         if self.alpha is not None and not self.alpha > 0:
-            raise RouterLoraError(f"lora.alpha={self.alpha!r}: expected a positive number or null (= rank)")
+            raise RouterLoraError(f"router_lora.lora.alpha={self.alpha!r}: expected a positive number or null (= rank)")
 
 
 @dataclass(frozen=True)
@@ -74,9 +74,9 @@ def check_rank(rank: int, experts: int, hidden: int, where: str) -> None:
     limit = min(experts, hidden)
     if rank > limit:
         raise RouterLoraError(
-            f"lora.rank={rank} exceeds the router's dimensions: {where} weight is [experts={experts}, "
+            f"router_lora.lora.rank={rank} exceeds the router's dimensions: {where} weight is [experts={experts}, "
             f"hidden={hidden}], so the rank can be at most min(experts, hidden)={limit}; "
-            f"set lora.rank={min(8, limit)} (or any value <= {limit})"
+            f"set router_lora.lora.rank={min(8, limit)} (or any value <= {limit})"
         )
 
 

@@ -26,14 +26,14 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
     elif schedule == "linear":
         decay = 1.0 - progress
     else:
-        raise ValueError(f"train.schedule={schedule!r}: expected one of {list(SCHEDULES)}")
+        raise ValueError(f"router_lora.train.schedule={schedule!r}: expected one of {list(SCHEDULES)}")
     return min_ratio + (1.0 - min_ratio) * decay
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, schedule: str,
                    min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
     if schedule not in SCHEDULES:
-        raise ValueError(f"train.schedule={schedule!r}: expected one of {list(SCHEDULES)}")
+        raise ValueError(f"router_lora.train.schedule={schedule!r}: expected one of {list(SCHEDULES)}")
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, schedule, min_ratio)
     )

@@ -1,4 +1,4 @@
-"""Typed, validated training settings (the `train` config group) and the run fingerprint.
+"""Typed, validated training settings (`router_lora.train`) and the run fingerprint.
 
 Validation runs before the model is loaded, so a zero learning rate or a negative step count
 stops in milliseconds with the offending key named.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from .schedule import SCHEDULES
@@ -31,67 +31,65 @@ class TrainConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    steps: int = 60                 # optimizer steps
-    lr: float = 1e-4                # peak learning rate (AdamW)
-    warmup_steps: int = 5
+    """Optimisation settings of router LoRA: `router_lora.train.*` (the experiment's defaults are these).
+    Every key but save_every, keep_last and log_every decides the trained weights (the run's fingerprint:
+    resuming with a different value is refused)."""
+
+    steps: int = 80                 # optimizer steps
+    lr: float = 1e-3                # peak learning rate (AdamW)
+    warmup_steps: int = 8           # linear warmup
     schedule: str = "cosine"        # cosine | linear | constant
     min_lr_ratio: float = 0.0       # floor of the decay, as a fraction of lr
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     batch_size: int = 8             # blocks per micro-batch, per process
     grad_accum: int = 1             # micro-batches per optimizer step
-    max_grad_norm: float | None = 1.0  # null: no clipping
-    aux_coef: float = 0.01          # weight of the load-balancing loss in lm + aux_coef * aux
-    precision: str = "fp32"         # fp32 | bf16 (autocast; LoRA weights and optimizer stay fp32)
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    save_every: int = 0             # checkpoint every N steps (0: only at the end)
-    keep_last: int = 2              # checkpoints kept on disk
-    log_every: int = 5              # TensorBoard / progress-bar cadence, in steps
+    max_grad_norm: float | None = 1.0  # gradient clipping; null: off
+    aux_coef: float = 0.01          # load-balancing loss weight: total = lm + aux_coef * aux
+    precision: str = "fp32"         # fp32 | bf16 (autocast; LoRA weights and AdamW state stay fp32)
+    gradient_checkpointing: bool = False  # recompute activations in backward (memory for time)
+    seed: int = 0                   # data order (the experiment config sets it to the run's `seed`)
+    save_every: int = 20            # checkpoint every N steps (0: only at the end); always at the last step
+    keep_last: int = 2              # checkpoints kept in <run dir>/train_state
+    log_every: int = 5              # progress bar / TensorBoard (<run dir>/tb) cadence, in steps
     # not training-relevant: excluded from the fingerprint
     NON_RESULT: ClassVar[tuple[str, ...]] = ("save_every", "keep_last", "log_every")
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
-        _positive_int("train.steps", self.steps, "train.steps=100")
-        _positive_int("train.batch_size", self.batch_size, "train.batch_size=8")
-        _positive_int("train.grad_accum", self.grad_accum, "train.grad_accum=1")
-        _positive_int("train.log_every", self.log_every, "train.log_every=5")
-        _positive_int("train.keep_last", self.keep_last, "train.keep_last=2")
-        for key, value in (("train.warmup_steps", self.warmup_steps), ("train.save_every", self.save_every)):
+        _positive_int("router_lora.train.steps", self.steps, "router_lora.train.steps=100")
+        _positive_int("router_lora.train.batch_size", self.batch_size, "router_lora.train.batch_size=8")
+        _positive_int("router_lora.train.grad_accum", self.grad_accum, "router_lora.train.grad_accum=1")
+        _positive_int("router_lora.train.log_every", self.log_every, "router_lora.train.log_every=5")
+        _positive_int("router_lora.train.keep_last", self.keep_last, "router_lora.train.keep_last=2")
+        for key, value in (("router_lora.train.warmup_steps", self.warmup_steps),
+                           ("router_lora.train.save_every", self.save_every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise TrainConfigError(f"{key}={value!r}: expected an integer >= 0")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise TrainConfigError(f"train.lr={self.lr!r}: the learning rate must be a positive number, e.g. train.lr=1e-4")
+            raise TrainConfigError(f"router_lora.train.lr={self.lr!r}: the learning rate must be a positive number, "
+                                   "e.g. router_lora.train.lr=1e-4")
         if self.schedule not in SCHEDULES:
-            raise TrainConfigError(f"train.schedule={self.schedule!r}: expected one of {list(SCHEDULES)}")
+            raise TrainConfigError(f"router_lora.train.schedule={self.schedule!r}: expected one of {list(SCHEDULES)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise TrainConfigError(f"train.min_lr_ratio={self.min_lr_ratio!r}: expected a number in [0, 1]")
+            raise TrainConfigError(f"router_lora.train.min_lr_ratio={self.min_lr_ratio!r}: expected a number in [0, 1]")
         if self.weight_decay < 0:
-            raise TrainConfigError(f"train.weight_decay={self.weight_decay!r}: expected a number >= 0")
+            raise TrainConfigError(f"router_lora.train.weight_decay={self.weight_decay!r}: expected a number >= 0")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise TrainConfigError(f"train.betas={list(self.betas)}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
+            raise TrainConfigError(f"router_lora.train.betas={list(self.betas)}: expected two numbers in [0, 1), "
+                                   "e.g. [0.9, 0.999]")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise TrainConfigError(f"train.max_grad_norm={self.max_grad_norm!r}: expected a positive number, or null for no clipping")
+            raise TrainConfigError(f"router_lora.train.max_grad_norm={self.max_grad_norm!r}: expected a positive "
+                                   "number, or null for no clipping")
         if self.aux_coef < 0:
-            raise TrainConfigError(f"train.aux_coef={self.aux_coef!r}: expected a number >= 0 (0 turns the load-balancing loss off)")
+            raise TrainConfigError(f"router_lora.train.aux_coef={self.aux_coef!r}: expected a number >= 0 (0 turns "
+                                   "the load-balancing loss off)")
         if self.precision not in PRECISIONS:
-            raise TrainConfigError(f"train.precision={self.precision!r}: expected one of {list(PRECISIONS)}")
+            raise TrainConfigError(f"router_lora.train.precision={self.precision!r}: expected one of {list(PRECISIONS)}")
         if self.warmup_steps > self.steps:
-            # not an error, so that a quick `train.steps=3` works with the default warmup
-            log.warning("train.warmup_steps=%d exceeds train.steps=%d: the learning rate never reaches its peak "
-                        "(train.lr)", self.warmup_steps, self.steps)
-
-    @classmethod
-    def from_mapping(cls, values) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        values = dict(values)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise TrainConfigError(f"unknown train settings {unknown}; known: {sorted(known)}")
-        if values.get("betas") is not None:
-            values["betas"] = tuple(values["betas"])
-        return cls(**values)
+            # not an error, so that a quick `router_lora.train.steps=3` works with the default warmup
+            log.warning("router_lora.train.warmup_steps=%d exceeds router_lora.train.steps=%d: the learning rate "
+                        "never reaches its peak (router_lora.train.lr)", self.warmup_steps, self.steps)
 
     def result_settings(self) -> dict:
         """The settings that decide the trained weights."""

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..arch import ArchAdapter
 from ..data import TokenBlocks
 from .checkpointing import STATE_DIR, resume_checkpoint, save_checkpoint
 from .data_stream import BlockStream
@@ -59,7 +60,7 @@ def make_accelerator(device: str = "cpu"):
     from accelerate import Accelerator
 
     # cpu=True keeps a CPU run on CPU when a GPU is visible; mixed precision is done with our own
-    # autocast (train.precision) so that one code path serves one and many processes
+    # autocast (router_lora.train.precision) so that one code path serves one and many processes
     return Accelerator(cpu=str(device).startswith("cpu"), mixed_precision="no")
 
 
@@ -87,7 +88,7 @@ def train_router_lora(
     *,
     accelerator,
     top_k: int,
-    scoring: str,
+    adapter: ArchAdapter,
     layer_names: list[str],
     run_dir: Path,
     settings: dict,
@@ -141,7 +142,7 @@ def train_router_lora(
                     with autocast:
                         out = model(input_ids=ids, attention_mask=mask, output_router_logits=True, use_cache=False)
                     lm, _ = lm_loss(out.logits, ids, mask)
-                    aux = load_balancing_loss(out.router_logits, top_k, mask, scoring)
+                    aux = load_balancing_loss(out.router_logits, top_k, mask, adapter)
                     total = lm + tcfg.aux_coef * aux if tcfg.aux_coef > 0 else lm
                     accelerator.backward(total / tcfg.grad_accum)
                 window += torch.tensor([lm.item(), aux.item(), 1.0, float(mask.sum())], dtype=torch.float64)
@@ -165,7 +166,7 @@ def train_router_lora(
                 if grad_norm is not None:
                     scalars["grad_norm"] = float(grad_norm)
                 result.tokens += int(summed[3])
-                report.step(done, scalars, routing_entropy_bits(out.router_logits, mask, scoring))
+                report.step(done, scalars, routing_entropy_bits(out.router_logits, mask, adapter))
                 result.history.append({"step": done, **scalars})
                 window.zero_()
                 t_log = now

@@ -1,5 +1,7 @@
-"""One readable file per experiment: validate -> load -> probe/surgery -> train -> evaluate -> export -> metrics.
+"""One readable file per experiment, torchtune-recipe style: setup -> baseline -> apply -> measure -> export.
 
-Each module exposes `run(cfg: DictConfig, out_dir: Path) -> dict` (flat metrics); the Hydra entry
-point (`moesurgeon.__main__`) calls it through `moesurgeon.runner`.
+Each module exposes `run(ctx: RunContext, settings) -> dict` (flat metrics). The runner
+(moesurgeon/runner.py) builds the run context once (moesurgeon/run_context.py) and converts the
+experiment's settings (`NAME:` in the config) into its dataclass (settings.py) with one function
+(convert.py). Only code in this package and the runner touches DictConfig.
 """

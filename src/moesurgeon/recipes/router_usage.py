@@ -1,7 +1,8 @@
 """experiment=router_usage — which experts does each layer's router use, on which data?
 
-validate -> load model and held-out blocks -> profile under the probe -> write statistics,
-heatmaps (PNG + one interactive HTML page) and metrics.
+setup (the run context: model checked, config.json read; the held-out blocks; the model) ->
+profile under the probe -> write statistics, heatmaps (PNG + one interactive HTML page) and metrics.
+Settings: `router_usage.*` (RouterUsageSettings, recipes/settings.py).
 
 Files in the run dir:
 - usage_stats.safetensors  the accumulated statistics (format: moesurgeon/probe/stats.py docstring)
@@ -9,7 +10,7 @@ Files in the run dir:
 - coactivation_<layer>.png P(j selected | i selected) for one layer
 - layer_divergence.png     per-layer JSD between labels and routing entropy
 - router_usage.html        interactive page with all of the above
-- trace.jsonl              per-token routing (usage.trace=true)
+- trace.jsonl              per-token routing (router_usage.trace=true)
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig
-
+from ..errors import ConfigError
 from ..probe import UsageStats, layer_metrics, profile_usage, shift_metrics
 from ..probe.stats import js_divergence_bits
+from ..run_context import RunContext
 from ..viz import plot_coactivation, plot_layer_bars, plot_usage, write_usage_html
-from ..errors import ConfigError
-from .common import layer_short_names, load_model_and_data, setup
+from .common import layer_short_names
+from .settings import RouterUsageSettings
 
 log = logging.getLogger("moesurgeon")
 
@@ -34,10 +35,11 @@ def pick_layer(stats: UsageStats, choice) -> int:
     if isinstance(choice, int) or str(choice).isdigit():
         pos = int(choice)
         if not 0 <= pos < len(stats.layer_names):
-            raise ConfigError(f"usage.coact_layer={choice}: expected an MoE-layer position in [0, {len(stats.layer_names) - 1}] or a router name")
+            raise ConfigError(f"router_usage.coact_layer={choice}: expected an MoE-layer position in "
+                              f"[0, {len(stats.layer_names) - 1}] or a router name")
         return pos
     if choice not in stats.layer_names:
-        raise ConfigError(f"usage.coact_layer={choice!r} is not a router name; routers: {stats.layer_names}")
+        raise ConfigError(f"router_usage.coact_layer={choice!r} is not a router name; routers: {stats.layer_names}")
     return stats.layer_names.index(choice)
 
 
@@ -61,25 +63,25 @@ def write_usage_report(stats: UsageStats, out_dir: Path, title: str, coact_layer
     return files
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
-    opts = cfg.usage
-    setup(cfg)
-    compare_to = UsageStats.load(opts.compare_to) if opts.get("compare_to") else None  # fail before loading
-
-    model, _, adapter, blocks = load_model_and_data(cfg, splits=("heldout",))
+def run(ctx: RunContext, settings: RouterUsageSettings) -> dict:
+    # ---- setup: a profile to compare with is read before the model loads
+    compare_to = UsageStats.load(settings.compare_to) if settings.compare_to else None
+    model, _, blocks = ctx.load(splits=("heldout",))
     heldout = blocks["heldout"]
-    stats, tokens_per_s = profile_usage(
-        model, adapter, heldout, batch_size=int(cfg.data.batch_size),
-        trace_path=out_dir / "trace.jsonl" if opts.trace else None,
-        trace_max_tokens=int(opts.trace_max_rows), progress=bool(cfg.progress),
-    )
-    stats.save(out_dir / "usage_stats.safetensors")
 
+    # ---- measure
+    trace = ctx.out_dir / "trace.jsonl" if settings.trace else None
+    stats, tokens_per_s = profile_usage(model, ctx.adapter, heldout, batch_size=ctx.batch_size, trace_path=trace,
+                                        trace_max_tokens=settings.trace_max_rows, progress=ctx.progress)
+    stats.save(ctx.out_dir / "usage_stats.safetensors")
     metrics = layer_metrics(stats)
     metrics["probe_tokens_per_s"] = tokens_per_s
-    table = [{"metric": k, "value": round(v, 4) if isinstance(v, float) else v} for k, v in metrics.items() if "/" not in k or k.endswith("/mean") or k.startswith("top2")]
-    write_usage_report(stats, out_dir, title=f"router usage: {Path(str(cfg.model.path)).name}",
-                       coact_layer=opts.get("coact_layer"), extra_tables={"summary": table})
+
+    # ---- report
+    table = [{"metric": k, "value": round(v, 4) if isinstance(v, float) else v} for k, v in metrics.items()
+             if "/" not in k or k.endswith("/mean") or k.startswith("top2")]
+    write_usage_report(stats, ctx.out_dir, title=f"router usage: {Path(ctx.model.path).name}",
+                       coact_layer=settings.coact_layer, extra_tables={"summary": table})
     if compare_to is not None:
         metrics.update(shift_metrics(compare_to, stats))
     log.info("mean routing entropy %.3f bits, mean JSD between labels %s bits over %d tokens",

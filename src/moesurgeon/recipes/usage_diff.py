@@ -1,7 +1,9 @@
 """experiment=usage_diff — compare two saved router-usage profiles without loading any model.
 
+setup (read both profiles, check they are comparable) -> difference heatmap and per-layer divergence.
 Writes usage_diff_heatmap.png (b minus a, per label when both have the same labels),
 shift_per_layer.png and metrics.json with the per-layer Jensen-Shannon divergence between them.
+Settings: `usage_diff.*` (UsageDiffSettings, recipes/settings.py).
 """
 
 from __future__ import annotations
@@ -9,27 +11,31 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
 from ..probe import UsageStats, shift_metrics, usage_shift
 from ..probe.compare import check_comparable
+from ..run_context import RunContext
 from ..viz import plot_layer_bars, plot_usage
 from .common import layer_short_names
+from .settings import UsageDiffSettings
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
-    d = cfg.diff
+def run(ctx: RunContext, settings: UsageDiffSettings) -> dict:
+    # ---- setup
     for key in ("a", "b"):
-        if not Path(str(d[key])).is_file():
-            raise FileNotFoundError(f"diff.{key}={d[key]!r} does not exist: expected a usage_stats.safetensors from experiment=router_usage")
-    a, b = UsageStats.load(d.a), UsageStats.load(d.b)
+        if not Path(getattr(settings, key)).is_file():
+            raise FileNotFoundError(f"usage_diff.{key}={getattr(settings, key)!r} does not exist: expected a "
+                                    "usage_stats.safetensors from experiment=router_usage")
+    a, b = UsageStats.load(settings.a), UsageStats.load(settings.b)
     check_comparable(a, b)
+
+    # ---- measure and report
     short = layer_short_names(a.layer_names)
     ma, mb = a.merged().usage_share()[:, 0], b.merged().usage_share()[:, 0]
-    panels = torch.stack([ma, mb]).numpy()
-    plot_usage(panels, [str(d.name_a), str(d.name_b)], short, out_dir / "usage_diff_heatmap.png",
-               title=f"router usage: {d.name_b} vs {d.name_a}", diff_of=(1, 0))
+    plot_usage(torch.stack([ma, mb]).numpy(), [settings.name_a, settings.name_b], short,
+               ctx.out_dir / "usage_diff_heatmap.png", title=f"router usage: {settings.name_b} vs {settings.name_a}",
+               diff_of=(1, 0))
     shift = usage_shift(a, b)
-    plot_layer_bars({g: v.tolist() for g, v in shift.items()}, short, out_dir / "shift_per_layer.png",
-                    ylabel="JSD (bits)", title=f"routing shift {d.name_a} -> {d.name_b}")
+    plot_layer_bars({g: v.tolist() for g, v in shift.items()}, short, ctx.out_dir / "shift_per_layer.png",
+                    ylabel="JSD (bits)", title=f"routing shift {settings.name_a} -> {settings.name_b}")
     return shift_metrics(a, b)

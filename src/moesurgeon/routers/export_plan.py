@@ -4,7 +4,7 @@ Decided before the before/after measurements (which do not depend on it), so tha
 and logged, as early as the data allows:
 1. exact instead: a RoleAwareRouter that boosts every real token of the data alike is one static logit
    bias; on a family whose router has a logit-space bias it is exported exactly, with no distillation
-   (surgery/role_bias.py says when, and why not otherwise) — taken under `export.mode=auto` only;
+   (surgery/role_bias.py says when, and why not otherwise) — taken under `role_router.export.mode=auto` only;
 2. otherwise distillation (routers/distill.py), checked every few steps end to end on a sample of
    held-out blocks (`HeldoutCheck`) until the floor is reached (checks end, training goes on) or out
    of reach (training ends: refused); the whole held-out split decides every export that is written;
@@ -60,10 +60,10 @@ class ExportPlan:
         exact = (f"No exact export exists for this router here: {self.no_exact}." if self.no_exact else
                  "An exact router-bias export exists: role_router.export.mode=auto writes it.")
         return (f"{head}; the distilled export is refused and no checkpoint was written (metrics.json has the "
-                f"before/after figures, export/done=false). {exact} Options: role_router.export.mode=none (measure "
+                f"before/after figures, export/done=false). {exact} Options: export.enabled=false (measure "
                 f"only); more role_router.export.distill.steps (now {self.steps}) or distill.max_tokens; a lower "
                 f"role_router.export.min_agreement if {figure:.1%} is acceptable; or a gentler router (lower "
-                "roles.<role>.prefer.<i>.strength)")
+                "role_router.roles.<role>.prefer.<i>.strength)")
 
 
 def plan_distilled(requested: str, adapter: ArchAdapter, layers: list[MoELayer], custom: dict[int, nn.Module],
@@ -77,8 +77,8 @@ def plan_distilled(requested: str, adapter: ArchAdapter, layers: list[MoELayer],
                  "into the routers' own bias (no distillation)")
         return ExportPlan("bias", biases=biases)
     if biases is not None:
-        log.info("export.mode=distill as asked; this router is also exactly a static router bias, which "
-                 "export.mode=auto would write without distillation")
+        log.info("role_router.export.mode=distill as asked; this router is also exactly a static router bias, which "
+                 "role_router.export.mode=auto would write without distillation")
     else:
         log.info("no exact export for this router: %s; distilling", why)
     return ExportPlan("distill", steps=cfg.steps, no_exact=why)

@@ -6,7 +6,7 @@ Which tensor holds a bias of which space is the adapter's answer (`adapter.route
 - `space="choice"` -> the family's choice bias (deepseek_v3: only the choice reads it): selection
   exact, weights untouched — which is what a choice-space bias does in memory too.
 Families without such a tensor (qwen, mixtral, olmoe) cannot hold a constant logit offset in a
-standard checkpoint; asking for it is refused with the alternative (export.mode=distill).
+standard checkpoint; asking for it is refused with the alternative (role_router.export.mode=distill).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ def bias_tensor(adapter: ArchAdapter, layer: MoELayer, space: str) -> torch.Tens
     if tensor is None:
         other = [s for s in BIAS_SPACES if adapter.router_bias(layer, s) is not None]
         alt = (f"use space={other[0]} (this family has {adapter.bias_attrs[other[0]]})" if other
-               else "export with export.mode=distill")
+               else "export with role_router.export.mode=distill")
         raise RouterConfigError(
-            f"export.mode=bias: {adapter.model_type} routers have no `{adapter.bias_attrs[space]}` tensor of "
+            f"role_router.export.mode=bias: {adapter.model_type} routers have no `{adapter.bias_attrs[space]}` tensor of "
             f"{layer.num_experts} entries, so a {space}-space bias cannot be written exactly into a standard "
             f"checkpoint; {alt}")
     return tensor

@@ -50,7 +50,7 @@ def plan_prune(adapter: ArchAdapter, config: dict, layers: list[MoELayer], mask:
         raise RouterConfigError(
             f"expert mask removes {counts} experts per MoE layer; a standard config.json has one expert count for "
             "every layer, so prune can only export masks that remove the same number of experts in each MoE layer. "
-            "Mask equally many per layer, or export with export.mode=distill")
+            "Mask equally many per layer, or export with role_router.export.mode=distill")
     E = layers[0].num_experts
     new = E - next(iter(counts.values()))
     if new == E:
@@ -122,7 +122,7 @@ def export_pruned(model, adapter: ArchAdapter, source_dir: Path, out_dir: Path, 
         raise RouterConfigError(
             f"prune export of this mask is not exact for {adapter.model_type}: {plan.reason}. Set "
             "export.allow_inexact=true to write it anyway with the measured deviation, mask evenly across groups, "
-            "or use export.mode=distill")
+            "or use role_router.export.mode=distill")
     with CheckpointReader(source_dir, allow_pickle=opts.allow_pickle) as reader:
         patch = prune_patch(adapter, reader, layers, plan)
     if not plan.exact:
