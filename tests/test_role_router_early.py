@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from moesurgeon.arch import get_adapter
 from moesurgeon.routers import RoleAwareRouter, RoleContext, RoleSet, RouterConfigError, substitute_routers
 from moesurgeon.routers.distill import DistillConfig
-from moesurgeon.routers.export_plan import check_sample, plan_distilled
+from moesurgeon.surgery.export_plan import check_sample, plan_distilled
 from moesurgeon.runner import run_experiment
 from moesurgeon.data import TokenBlocks
 from helpers_hydra import cfg_for

@@ -24,7 +24,7 @@ ExportRefusedError carries the figures so far, which the runner writes to metric
 false, success=false) before the command exits non-zero. The refusal is known early: distillation
 runs before the before/after measurements (which do not depend on it), is checked every few steps
 end to end on a sample of held-out blocks, and gives up as soon as the floor is out of reach
-(routers/distill.py, routers/export_plan.py); the refusal, with its figure and the options, is logged
+(routers/distill.py, surgery/export_plan.py); the refusal, with its figure and the options, is logged
 then, and the measurements still run. Otherwise the whole held-out split's agreement decides.
 """
 
@@ -50,7 +50,7 @@ from ..routers import (
     substitute_routers,
 )
 from ..routers.distill import collect_teacher, train_routers, write_router_tensors
-from ..routers.export_plan import ExportPlan, HeldoutCheck, check_sample, plan_distilled
+from ..surgery.export_plan import ExportPlan, HeldoutCheck, check_sample, plan_distilled
 from ..routers.role_share import role_share
 from ..routers.static_bias import resolve_space
 from ..run_context import RunContext

@@ -40,7 +40,7 @@ def _check_groups(adapter: ArchAdapter, layer: MoELayer, roles: RoleSet, force: 
 class RoleAwareRouter(CustomRouter):
     """Per-token role preferences on top of the family's routing."""
 
-    # per-token roles: no standard tensor holds them, so distilled (export_plan.py still finds the special case of
+    # per-token roles: no standard tensor holds them, so distilled (surgery/export_plan.py still finds the special case of
     # one uniform boost, which a family's logit bias holds exactly)
     exact_export: ClassVar[str | None] = None
     resources: ClassVar[tuple[str, ...]] = ("roles", "context")

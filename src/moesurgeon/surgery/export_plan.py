@@ -23,11 +23,11 @@ from torch import nn
 
 from ..arch import ArchAdapter, MoELayer
 from ..data import TokenBlocks
-from ..surgery.role_bias import roles_in_data, uniform_role_bias
-from .agreement import Scope, agreement_metrics, record_selections
-from .distill import DistillConfig, DistillResult, write_router_tensors
-from .role_context import RoleContext
-from .role_aware import RoleAwareRouter
+from .role_bias import roles_in_data, uniform_role_bias
+from ..routers.agreement import Scope, agreement_metrics, record_selections
+from ..routers.distill import DistillConfig, DistillResult, write_router_tensors
+from ..routers.role_context import RoleContext
+from ..routers.role_aware import RoleAwareRouter
 
 log = logging.getLogger("moesurgeon")
 
