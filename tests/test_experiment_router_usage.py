@@ -61,6 +61,9 @@ def test_usage_diff_between_two_runs(tiny_run, tmp_path):
     metrics = run_experiment(cfg, tmp_path / "diff")
     assert metrics["shift_jsd_bits/all/mean"] == pytest.approx(0.0, abs=1e-9)
     assert (tmp_path / "diff" / "usage_diff_heatmap.png").is_file()
+    # figures and log name the runs, not "a"/"b"; the same run twice is told apart
+    run = f"{out_a.parent.name}/{out_a.name}"
+    assert (metrics["name_a"], metrics["name_b"]) == (f"{run} (a)", f"{run} (b)")
 
 
 def test_bad_inputs_fail_with_clear_messages(tiny_run, tmp_path):

@@ -48,7 +48,7 @@ def test_composed_defaults_are_the_dataclass_defaults():
     assert role.router == {"_target_": "moesurgeon.routers.RoleAwareRouter"}
     assert to_settings(TopkOverrideSettings, compose_cfg(["experiment=topk_override"]).topk_override,
                        "topk_override") == TopkOverrideSettings(top_k=4)
-    assert defaults_of(UsageDiffSettings) == {"a": "???", "b": "???", "name_a": "a", "name_b": "b"}
+    assert defaults_of(UsageDiffSettings) == {"a": "???", "b": "???", "name_a": None, "name_b": None}
     assert compose_cfg(["experiment=router_usage"]).export.enabled is False
     assert compose_cfg(["experiment=topk_override"]).export.enabled is True
 

@@ -110,5 +110,29 @@ def run_experiment(cfg: DictConfig, out_dir: Path | None = None) -> dict:
             record.update(success=False, error=f"{type(error).__name__}: {error}")
         if main:
             (out_dir / "metrics.json").write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")
-            log.info("wrote %s", out_dir / "metrics.json")
+            log.info("files written in %s:\n%s", out_dir, "\n".join(written_entries(out_dir, t0)))
     return record
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def written_entries(out_dir: Path, since: float) -> list[str]:
+    """One line per file or directory of the run dir written during this run (a directory: its file
+    count and size), so a run ends by saying where its adapter, figures, pages and checkpoint are."""
+    lines = []
+    for entry in sorted(out_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        files = [entry] if entry.is_file() else [f for f in entry.rglob("*") if f.is_file()]
+        stats = [f.stat() for f in files]
+        if not stats or max(st.st_mtime for st in stats) < since - 1:
+            continue  # left by an earlier run into the same directory
+        size = _size(sum(st.st_size for st in stats))
+        lines.append(f"  {entry.name}  ({size})" if entry.is_file() else f"  {entry.name}/  ({len(files)} file{'s' if len(files) != 1 else ''}, {size})")
+    return lines

@@ -47,8 +47,8 @@ class TopkSweepSettings:
 class UsageDiffSettings:
     a: str                    # a usage_stats.safetensors (experiment=router_usage, or before/ of router_lora)
     b: str                    # the profile compared with it (b minus a)
-    name_a: str = "a"         # names in the figures
-    name_b: str = "b"
+    name_a: str | None = None  # names in the figures and the log; null: the run the file comes from
+    name_b: str | None = None  # (its last two directories, e.g. router_usage/2026-11-29_10-00-00)
 
 
 @dataclass
