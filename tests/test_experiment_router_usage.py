@@ -47,6 +47,12 @@ def test_router_usage_writes_stats_plots_and_metrics(tiny_run, family):
     for f in ("usage_stats.safetensors", "usage_heatmap.png", "router_usage.html", "metrics.json",
               "config_resolved.yaml", "layer_divergence.png", "trace.jsonl"):
         assert (out / f).is_file(), f
+    # the HTML page opens on the layer of the co-activation PNG (default: the middle MoE layer)
+    from moesurgeon.viz.html_report import embedded_data
+
+    page = embedded_data((out / "router_usage.html").read_text())
+    assert (out / f"coactivation_L{page['layers'][page['coact_layer']].split('.')[2]}.png").is_file()
+    assert page["coact_layer"] == len(page["layers"]) // 2
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["experiment"] == "router_usage"
     assert 0 <= saved["jsd_bits/mean"] <= 1.0

@@ -101,12 +101,13 @@ def test_html_embeds_the_data(tmp_path):
     tables = {"divergence": [{"layer": "L0", "js": np.float32(0.125), "n": np.int64(3)}, {"layer": "L1", "js": 0.5}]}
     out = write_usage_html(tmp_path / "r.html", title="Usage </script> & <b>", usage=usage,
                            group_names=["code", "math", "chat"], layer_names=[f"L{i}" for i in range(4)],
-                           coact=coact, extra_tables=tables)
+                           coact=coact, coact_layer=2, extra_tables=tables)
     page = out.read_text()
     assert "http://" not in page and "https://" not in page  # self-contained, nothing fetched
     assert "Usage &lt;/script&gt; &amp; &lt;b&gt;" in page
     data = embedded_data(page)
     assert data["title"] == "Usage </script> & <b>" and data["groups"] == ["code", "math", "chat"]
+    assert data["coact_layer"] == 2  # the page opens on the layer of the co-activation PNG
     got = np.array(data["usage"], dtype=float)  # null -> nan
     np.testing.assert_allclose(got, usage, rtol=1e-5, equal_nan=True)
     assert np.array_equal(np.array(data["coact"]), coact)
@@ -120,5 +121,8 @@ def test_html_without_coact_and_shape_errors(tmp_path):
     with pytest.raises(ValueError, match=r"coact must have shape .*\(4, 8, 8\).*got shape \(4, 8\)"):
         write_usage_html(tmp_path / "r.html", title="t", usage=_usage(1), group_names=["all"],
                          layer_names=list("0123"), coact=np.zeros((4, 8)))
+    with pytest.raises(ValueError, match=r"coact_layer=4: expected a layer position in \[0, 3\]"):
+        write_usage_html(tmp_path / "r.html", title="t", usage=_usage(1), group_names=["all"],
+                         layer_names=list("0123"), coact=_coact(4, 8), coact_layer=4)
     with pytest.raises(ValueError, match=r"got shape \(8,\)"):
         write_usage_html(tmp_path / "r.html", title="t", usage=np.zeros(8), group_names=[], layer_names=[])

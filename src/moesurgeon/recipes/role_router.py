@@ -272,11 +272,26 @@ def _report(before, after, roles: RoleSet, layers, out_dir: Path, model_name: st
     return metrics
 
 
+def paired_colors(series: list[str]) -> dict[str, tuple]:
+    """One hue per role for its "<role> before" / "<role> after" bars: light before, dark after."""
+    from matplotlib import colormaps
+
+    pairs = colormaps["tab20"].colors  # (dark, light) pairs of the same hue
+    roles = list(dict.fromkeys(name.rsplit(" ", 1)[0] for name in series))
+    out = {}
+    for name in series:
+        role, when = name.rsplit(" ", 1)
+        i = roles.index(role) % 10
+        out[name] = pairs[2 * i + 1] if when == "before" else pairs[2 * i]
+    return out
+
+
 def _figures(before, after, bars: dict, short: list[str], out_dir: Path, model_name: str) -> None:
     """Usage heatmaps before and after, one before/after/difference figure per label, role-share bars."""
     if bars:
         plot_layer_bars(bars, short, out_dir / "role_share.png", ylabel="share of role's selections",
-                        title="share of each role's expert selections on its own experts")
+                        title="share of each role's expert selections on its own experts",
+                        colors=paired_colors(list(bars)))
     sb, sa = before.usage_share(), after.usage_share()
     for name, share in (("before", sb), ("after", sa)):
         plot_usage(share.permute(1, 0, 2).numpy(), before.group_names, short, out_dir / f"usage_heatmap_{name}.png",

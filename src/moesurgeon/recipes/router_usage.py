@@ -59,7 +59,7 @@ def write_usage_report(stats: UsageStats, out_dir: Path, title: str, coact_layer
     files["layers"] = str(plot_layer_bars(bars, short, out_dir / "layer_divergence.png", ylabel="bits", title=title))
     files["html"] = str(write_usage_html(
         out_dir / "router_usage.html", title=title, usage=share, group_names=stats.group_names,
-        layer_names=stats.layer_names, coact=coact.numpy(), extra_tables=extra_tables))
+        layer_names=stats.layer_names, coact=coact.numpy(), coact_layer=pos, extra_tables=extra_tables))
     return files
 
 

@@ -50,10 +50,12 @@ def write_usage_html(
     group_names: list[str],
     layer_names: list[str],
     coact: np.ndarray | None = None,
+    coact_layer: int = 0,
     extra_tables: dict[str, list[dict[str, Any]]] | None = None,
 ) -> Path:
     """Write the page. ``usage`` is ``[G, L, E]``; ``coact`` (optional) is ``[L, E, E]``
-    co-selection counts whose diagonal holds each expert's selection count."""
+    co-selection counts whose diagonal holds each expert's selection count; the page opens on layer
+    position ``coact_layer`` (the layer of the co-activation PNG written next to it)."""
     usage = check_usage(usage, group_names, layer_names)
     g, n_layers, n_experts = usage.shape
     if coact is not None:
@@ -63,12 +65,15 @@ def write_usage_html(
                 f"coact must have shape [layers, experts, experts] = {(n_layers, n_experts, n_experts)} "
                 f"to match usage {usage.shape}, got shape {coact.shape}"
             )
+        if not 0 <= coact_layer < n_layers:
+            raise ValueError(f"coact_layer={coact_layer}: expected a layer position in [0, {n_layers - 1}]")
     data = {
         "title": title,
         "groups": [str(n) for n in group_names],
         "layers": [str(n) for n in layer_names],
         "usage": _nested(usage),
         "coact": None if coact is None else _nested(coact),
+        "coact_layer": int(coact_layer),
         "tables": {
             str(name): [{str(k): _cell(v) for k, v in row.items()} for row in rows]
             for name, rows in (extra_tables or {}).items()
@@ -116,6 +121,7 @@ td:first-child,th:first-child{text-align:left}.note{color:#666;font-size:12px}
 <canvas id="usage"></canvas>
 <section id="coact-sec"><h2>Expert co-activation P(j | i)</h2>
 <div class="controls"><label>Layer <select id="layer"></select></label>
+<span class="legend"><span id="clo"></span><canvas id="cbar" width="160" height="12"></canvas><span id="chi"></span></span>
 <span class="note">row i: tokens that selected expert i; cell: share of them that also selected j;
 grey: diagonal or never selected</span></div>
 <canvas id="coact"></canvas></section>
@@ -164,12 +170,12 @@ function heat(canvas, rows, cols, rowLabels, cw, ch, color, hover) {
   };
   canvas.onmouseleave = () => { tip.style.display = "none"; };
 }
-function legend(stops, lo, hi) {
-  const ctx = $("bar").getContext("2d");
+function legend(stops, lo, hi, ids = ["bar", "lo", "hi"]) {
+  const ctx = $(ids[0]).getContext("2d");
   for (let x = 0; x < 160; x++) {
     ctx.fillStyle = "rgb(" + ramp(stops, x / 159).join(",") + ")"; ctx.fillRect(x, 0, 1, 12);
   }
-  $("lo").textContent = fmt(lo); $("hi").textContent = fmt(hi);
+  $(ids[1]).textContent = fmt(lo); $(ids[2]).textContent = fmt(hi);
 }
 // null (a NaN in Python) stays NaN here so it is drawn grey rather than as 0.
 const U = (g, l, e) => D.usage[g][l][e] ?? NaN;
@@ -196,6 +202,7 @@ function drawUsage() {
 function drawCoact() {
   const C = D.coact[+$("layer").value], cell = Math.max(3, Math.min(18, Math.floor(640 / E)));
   const p = (i, j) => i === j || !C[i][i] ? null : C[i][j] / C[i][i];
+  legend(VIR, 0, 1, ["cbar", "clo", "chi"]);  // P(j | i) is drawn on a fixed 0..1 scale
   heat($("coact"), E, E, [...Array(E).keys()].map(String), cell, cell, (i, j) => ramp(VIR, p(i, j)),
     (i, j) => "layer: " + D.layers[+$("layer").value] + "\\nexpert i: " + i + " (selected " + fmt(C[i][i])
       + " times)\\nexpert j: " + j + "\\nco-selected: " + fmt(C[i][j]) + "\\nP(j | i): " + fmt(p(i, j)));
@@ -219,7 +226,9 @@ options($("group"), D.groups);
 if (G < 2) $("mode").options[1].disabled = true;
 $("group").onchange = $("mode").onchange = drawUsage;
 if (L && E) drawUsage();
-if (D.coact) { options($("layer"), D.layers); $("layer").onchange = drawCoact; drawCoact(); }
+if (D.coact) {
+  options($("layer"), D.layers); $("layer").value = String(D.coact_layer); $("layer").onchange = drawCoact; drawCoact();
+}
 else $("coact-sec").style.display = "none";
 tables();
 </script></body></html>

@@ -81,8 +81,12 @@ def plot_layer_bars(
     *,
     ylabel: str,
     title: str,
+    colors: dict[str, object] | None = None,
 ) -> Path:
-    """Grouped bars per layer (e.g. routing entropy or divergence between domains)."""
+    """Grouped bars per layer (e.g. routing entropy or divergence between domains).
+
+    ``colors`` ({series: matplotlib colour}) lets related series share a hue, e.g. a role's before
+    (light) and after (dark) bars. The legend sits outside the axes, so it never covers a bar."""
     if not values:
         raise ValueError("values is empty; give at least one {name: per-layer values} entry")
     for key, ys in values.items():
@@ -94,7 +98,8 @@ def plot_layer_bars(
     width = 0.8 / n_series
     pos = np.arange(n_layers)
     for k, (name, ys) in enumerate(values.items()):
-        ax.bar(pos + (k - (n_series - 1) / 2) * width, ys, width=width, label=name)
+        ax.bar(pos + (k - (n_series - 1) / 2) * width, ys, width=width, label=name,
+               color=(colors or {}).get(name))
     step = max(1, math.ceil(n_layers / 40))
     ax.set_xticks(pos[::step])
     long_names = max(len(n) for n in layer_names) > 3
@@ -106,5 +111,5 @@ def plot_layer_bars(
     ax.set_title(title, fontsize=11)
     ax.grid(axis="y", alpha=0.3)
     if n_series > 1:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return save_figure(fig, path)
