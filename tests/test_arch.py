@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from moesurgeon.arch import (
     ExpertCountEdits, ExpertCountError, UnsupportedModelError, get_adapter, supported_model_types,
 )
-from tiny_models import EXPECTED_MOE_LAYERS, tiny_model
+from tiny_models import EXPECTED_MOE_LAYERS, FAMILY_CONFIGS, tiny_model
 
 
 def test_supported_families_cover_the_card():
@@ -282,3 +282,19 @@ def test_expert_count_edits_with_a_group_limit():
         {"n_routed_experts": 4}, False, "the mask removes experts unevenly across the 4 groups (removed per group: "
         "[(1, 1, 1, 1)]), so pruned experts regroup and the group limit (topk_group=1) picks differently")
 
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_run_expert_is_one_expert_of_the_block(family):
+    """Experts e and f with weights (w, 1-w) for every token == w*E_e + (1-w)*E_f: run_expert runs one expert."""
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    layer = adapter.moe_layers(model)[-1]
+    hidden = torch.randn(5, model.config.hidden_size)
+    index = torch.tensor([[2, 3]] * 5)
+    weight = torch.tensor([[0.3, 0.7]] * 5)
+    with torch.no_grad():
+        both = getattr(layer.block, adapter.experts_attr)(hidden, index, weight)
+        two, three = adapter.run_expert(layer, hidden, 2), adapter.run_expert(layer, hidden, 3)
+    torch.testing.assert_close(both, 0.3 * two + 0.7 * three, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(two, three)

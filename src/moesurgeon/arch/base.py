@@ -61,6 +61,7 @@ class ArchAdapter(DiskNames, ConfigJson):
     router_class_names: ClassVar[tuple[str, ...]] = ()
     block_attr: ClassVar[str] = "mlp"  # attribute of a decoder layer holding the MoE block
     router_attr: ClassVar[str] = "gate"  # attribute of the MoE block holding the router
+    experts_attr: ClassVar[str] = "experts"  # attribute of the MoE block holding the routed experts (fused or a list)
     scoring: ClassVar[str] = "softmax"  # "softmax" | "sigmoid": how probs over all experts are made
     # router attributes holding the group limit (number of groups, groups a token may use); None: no limit
     group_attrs: ClassVar[tuple[str, str] | None] = None
@@ -156,6 +157,18 @@ class ArchAdapter(DiskNames, ConfigJson):
         layer.router.top_k = k
         if hasattr(layer.block, "top_k"):  # some blocks keep an (unused) copy: keep it consistent
             layer.block.top_k = k
+
+    # ---------------------------------------------------------------- experts
+    def run_expert(self, layer: MoELayer, hidden: torch.Tensor, expert: int) -> torch.Tensor:
+        """Output [T, H] of routed expert `expert` of `layer` on every token of `hidden` [T, H], weight 1.
+
+        transformers 5's experts modules (fused or a module list) take (hidden [T, H], top-k indices
+        [T, k], top-k weights [T, k]); a one-column top-k naming this expert for every token runs exactly
+        that expert, with the family's own kernels (activation, biases, clamping)."""
+        tokens = hidden.shape[0]
+        index = torch.full((tokens, 1), expert, dtype=torch.long, device=hidden.device)
+        weight = torch.ones((tokens, 1), dtype=hidden.dtype, device=hidden.device)
+        return getattr(layer.block, self.experts_attr)(hidden, index, weight)
 
     # ---------------------------------------------------------------- routing
     def probs_from_logits(self, logits: torch.Tensor) -> torch.Tensor:

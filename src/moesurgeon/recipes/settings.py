@@ -122,6 +122,30 @@ class RoleRouterSettings:
     export: RoleRouterExport = field(default_factory=RoleRouterExport)
 
 
+@dataclass
+class BrowseRecipeSettings:
+    # usage overlays: usage_stats.safetensors / expert_scores.safetensors of earlier runs of THIS model, or their
+    # run directories (one path or a list)
+    usage: list[str] | str | None = None
+    compare_to: str | None = None   # another checkpoint directory: the diff track (which tensors changed, how much)
+    expert_map: str | None = None   # its expert_map.json, when it is not beside either checkpoint (or its run dir)
+    data: bool = False              # expert OUTPUT similarity on data.heldout (loads the model)
+    data_tokens: int = 512          # calibration tokens per layer for browse.data=true
+    serve: bool = False             # after writing, serve browser/ on 127.0.0.1 until Ctrl-C (prints the URL)
+    port: int = 0                   # browse.serve port; 0: any free port
+    cache_dir: str | None = None    # per-shard statistics cache; null: <run dir>/../browse_cache
+    sigma_steps: int = 5            # Lanczos steps per matrix for its top singular value; 0: none (fastest)
+    sample_per_expert: int = 8192   # weights per expert sampled for the weight-similarity estimate
+    chunk_mb: int = 16              # largest piece of a tensor read at once (memory ~ (2 + 5 x threads) x this)
+
+    def __post_init__(self) -> None:
+        from ..browse import BrowseError, BrowseSettings
+
+        BrowseSettings(self.sigma_steps, self.sample_per_expert, self.chunk_mb).check()
+        if self.data_tokens < 1:
+            raise BrowseError(f"browse.data_tokens={self.data_tokens}: expected a positive number of tokens")
+
+
 @dataclass(frozen=True)
 class Recipe:
     settings: type           # the dataclass of the experiment's settings
@@ -137,6 +161,7 @@ RECIPES: dict[str, Recipe] = {
     "build_reference": Recipe(BuildReferenceSettings, loads_model=False),
     "router_lora": Recipe(RouterLoraSettings),
     "role_router": Recipe(RoleRouterSettings),
+    "browse": Recipe(BrowseRecipeSettings),
 }
 
 
