@@ -120,6 +120,16 @@ def test_experiment_browse(tiny_checkpoint, tmp_path):
     again = run_experiment(compose_cfg(["experiment=browse", f"model.path={ckpt}", "progress=false"]),
                            tmp_path / "runs" / "two")
     assert again["browse/shards_read"] == 0 and again["browse/shards_cached"] == metrics["browse/shards"]
+    # only the weight files are read: a checkpoint without tokenizer files is browsed all the same
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ckpt.iterdir():
+        if f.suffix in (".safetensors", ".json") and "tokenizer" not in f.name and f.name != "special_tokens_map.json":
+            (bare / f.name).write_bytes(f.read_bytes())
+    assert not any("tokenizer" in f.name for f in bare.iterdir())
+    bare_run = run_experiment(compose_cfg(["experiment=browse", f"model.path={bare}", "progress=false"]),
+                              tmp_path / "runs" / "bare")
+    assert bare_run["success"] is True and bare_run["browse/moe_layers"] == 3
     with pytest.raises(Exception, match="browse.chunk_mb=0"):
         run_experiment(compose_cfg(["experiment=browse", f"model.path={ckpt}", "browse.chunk_mb=0"]),
                        tmp_path / "runs" / "bad")

@@ -44,11 +44,13 @@ def local_dir(spec: ModelSpec) -> Path:
     return resolve_source(spec.path)
 
 
-def check_source(spec: ModelSpec) -> tuple[Path, dict]:
-    """(local checkpoint directory, its config.json): every file-level check, before any weight is read."""
+def check_source(spec: ModelSpec, *, tokenizer: bool = True) -> tuple[Path, dict]:
+    """(local checkpoint directory, its config.json): every file-level check, before any weight is read.
+    `tokenizer=False`: the run reads only the weight files (experiment=browse), so none is required."""
     model_dir = local_dir(spec)
     config = check_local_checkpoint(model_dir, allow_pickle=spec.allow_pickle)
-    tokenizer_source(model_dir, spec.tokenizer)
+    if tokenizer:
+        tokenizer_source(model_dir, spec.tokenizer)
     if spec.dtype != "auto" and spec.dtype not in _DTYPES:
         raise ModelLoadError(f"model.dtype={spec.dtype!r}: expected one of {sorted(_DTYPES) + ['auto']}")
     if not spec.device_map:

@@ -190,13 +190,14 @@ class RunContext:
 
 def open_context(experiment: str, out_dir: Path, *, seed: int, progress: bool, threads: int | str | None,
                  data: DataSettings, export: ExportSettings, model: ModelSpec | None = None,
-                 main_process: bool = True) -> RunContext:
-    """Seed, check the model's files and read its config.json once, resolve the export target."""
+                 main_process: bool = True, needs_tokenizer: bool = True) -> RunContext:
+    """Seed, check the model's files and read its config.json once, resolve the export target.
+    `needs_tokenizer=False`: a checkpoint without tokenizer files is accepted (`ctx.load` still needs one)."""
     random.seed(seed)
     torch.manual_seed(seed)
     source_dir = config = adapter = None
     if model is not None:
-        source_dir, config = check_source(model)  # a wrong path or family stops here, before any data is read
+        source_dir, config = check_source(model, tokenizer=needs_tokenizer)  # a wrong path or family stops here, before any data is read
         adapter = get_adapter(config)
     target = ExportTarget.resolve(export, out_dir, model.allow_pickle if model else False)
     return RunContext(experiment, Path(out_dir), seed, progress, main_process, threads, data, target, model, config,

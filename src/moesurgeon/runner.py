@@ -69,7 +69,7 @@ def model_spec(node) -> ModelSpec:
     return to_settings(ModelSpec, values, "model")
 
 
-def build_context(cfg: DictConfig, task: str, out_dir: Path, *, loads_model: bool = True,
+def build_context(cfg: DictConfig, task: str, out_dir: Path, *, loads_model: bool = True, needs_tokenizer: bool = True,
                   main_process: bool = True) -> RunContext:
     """The run context of `cfg` (see run_context.py); `loads_model=False`: no model spec, no config.json."""
     run = to_settings(RunSettings, {k: cfg.get(k) for k in ("seed", "progress", "threads") if k in cfg}, "")
@@ -77,7 +77,8 @@ def build_context(cfg: DictConfig, task: str, out_dir: Path, *, loads_model: boo
         task, out_dir, seed=run.seed, progress=run.progress, threads=run.threads,
         data=to_settings(DataSettings, cfg.get("data"), "data"),
         export=to_settings(ExportSettings, cfg.get("export"), "export"),
-        model=model_spec(cfg.get("model")) if loads_model else None, main_process=main_process)
+        model=model_spec(cfg.get("model")) if loads_model else None, main_process=main_process,
+        needs_tokenizer=needs_tokenizer)
 
 
 def run_experiment(cfg: DictConfig, out_dir: Path | None = None) -> dict:
@@ -99,7 +100,9 @@ def run_experiment(cfg: DictConfig, out_dir: Path | None = None) -> dict:
             raise ConfigError(f"task={task!r} names no recipe; recipes: {sorted(RECIPES)}")
         recipe = RECIPES[task]
         settings = to_settings(recipe.settings, cfg.get(task), task)
-        ctx = build_context(cfg, task, out_dir, loads_model=recipe.loads_model, main_process=main)
+        needs_tokenizer = recipe.needs_tokenizer(settings) if callable(recipe.needs_tokenizer) else recipe.needs_tokenizer
+        ctx = build_context(cfg, task, out_dir, loads_model=recipe.loads_model, needs_tokenizer=needs_tokenizer,
+                            main_process=main)
         metrics = importlib.import_module(f"moesurgeon.recipes.{task}").run(ctx, settings)
     except BaseException as err:
         error, metrics = err, dict(getattr(err, "metrics", None) or {})

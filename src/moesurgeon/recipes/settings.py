@@ -150,6 +150,8 @@ class BrowseRecipeSettings:
 class Recipe:
     settings: type           # the dataclass of the experiment's settings
     loads_model: bool = True  # False: the run context holds no model config (usage_diff, build_reference)
+    # False, or a function of the settings: the checkpoint need not carry tokenizer files (browse reads weights only)
+    needs_tokenizer: Any = True
 
 
 # experiment (recipe module under moesurgeon.recipes, and the key of its settings) -> its recipe
@@ -161,7 +163,7 @@ RECIPES: dict[str, Recipe] = {
     "build_reference": Recipe(BuildReferenceSettings, loads_model=False),
     "router_lora": Recipe(RouterLoraSettings),
     "role_router": Recipe(RoleRouterSettings),
-    "browse": Recipe(BrowseRecipeSettings),
+    "browse": Recipe(BrowseRecipeSettings, needs_tokenizer=lambda s: s.data),
 }
 
 
