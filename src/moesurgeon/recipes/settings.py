@@ -146,6 +146,15 @@ class BrowseRecipeSettings:
             raise BrowseError(f"browse.data_tokens={self.data_tokens}: expected a positive number of tokens")
 
 
+@dataclass
+class ExpertPruneSettings:
+    criterion: str = "reap"        # random | frequency | gate_mass | reap: per layer, the lowest-scored experts go
+    ratio: float = 0.25            # share of each MoE layer's experts removed (same count per layer), in (0, 1)
+    keep: list[int] | dict[int, list[int]] | None = None  # pinned experts: for every layer, or {layer_index: [..]}
+    seed: int = 0                  # criterion=random: the draw
+    scores: str | None = None      # expert_scores.safetensors (or run dir) of an earlier run; null: score data.train
+
+
 @dataclass(frozen=True)
 class Recipe:
     settings: type           # the dataclass of the experiment's settings
@@ -164,6 +173,7 @@ RECIPES: dict[str, Recipe] = {
     "router_lora": Recipe(RouterLoraSettings),
     "role_router": Recipe(RoleRouterSettings),
     "browse": Recipe(BrowseRecipeSettings, needs_tokenizer=lambda s: s.data),
+    "expert_prune": Recipe(ExpertPruneSettings),
 }
 
 

@@ -1,0 +1,105 @@
+"""experiment=expert_prune — score experts, drop the lowest-scored ones per layer, measure, export exactly.
+
+setup (criterion, ratio, pinned experts and the group budget checked from config.json, and any
+`expert_prune.scores` file read, before any weight is read; held-out blocks, plus data.train when
+scores are computed; model) -> scores: one probed pass over data.train (probe/expert_scores.py:
+frequency, gate mass, REAP saliency, output norm; written as expert_scores.safetensors), or the
+file of an earlier run -> choose the removed experts (surgery/expert_selection.py: the same count
+per layer, per group where routing is group-limited; expert_map.json) -> baseline held-out
+perplexity per label -> prune: the removed experts masked out of routing in memory
+(ExpertMaskRouter), which is what the pruned checkpoint computes -> the same measurement -> export:
+a checkpoint without those experts (surgery/prune_experts.py, exact on every supported family for
+a group-balanced prune), reloaded and its logits compared with the masked model
+(`export/max_abs_logit_diff`). criterion=random needs no scores but still computes them when data.train
+is set (for the file); data.train.path=null or expert_prune.scores=PATH skips that pass.
+Settings: `expert_prune.*` (ExpertPruneSettings, recipes/settings.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from ..errors import ConfigError
+from ..evaluate import evaluate_perplexity, relative_change
+from ..probe import ExpertScores, score_experts
+from ..routers import ExpertMaskRouter, substitute_routers
+from ..run_context import RunContext
+from ..surgery import export_pruned
+from ..surgery.expert_selection import choose_removed, plan_budget
+from .settings import ExpertPruneSettings
+
+log = logging.getLogger("moesurgeon")
+
+__all__ = ["run"]
+
+
+def run(ctx: RunContext, settings: ExpertPruneSettings) -> dict:
+    # ---- setup: everything that needs no weights first
+    adapter, config = ctx.adapter, ctx.model_config
+    budget = plan_budget(adapter, config, settings.criterion, settings.ratio, settings.keep, settings.seed)
+    stored = _read_scores(settings.scores) if settings.scores else None
+    if stored is not None and stored.num_experts != budget.num_experts:
+        raise ConfigError(f"expert_prune.scores={settings.scores}: scores for {stored.num_experts} experts per layer, "
+                          f"but this model has {budget.num_experts}; pass the scores of a run on this model")
+    compute = stored is None and (settings.criterion != "random" or ctx.data.train.path is not None)
+    if compute and ctx.data.train.path is None:
+        raise ConfigError(f"expert_prune.criterion={settings.criterion} needs expert scores: set data.train.path=FILE "
+                          "(scored in one probed pass) or expert_prune.scores=PATH of an earlier expert_prune run")
+    model, _, blocks = ctx.load(splits=("heldout", "train") if compute else ("heldout",))
+    heldout, bs, out_dir = blocks["heldout"], ctx.batch_size, ctx.out_dir
+    layers = adapter.moe_layers(model)
+    names = [layer.router_name for layer in layers]
+    if [layer.index for layer in layers] != budget.layers:
+        raise ConfigError(f"the loaded model's MoE layers {[layer.index for layer in layers]} differ from the ones its "
+                          f"config.json describes {budget.layers}; check the checkpoint")
+    metrics: dict = {"criterion": settings.criterion, "ratio": settings.ratio, "num_experts_before": budget.num_experts,
+                     "num_experts_after": budget.kept, "experts_removed_per_layer": budget.remove,
+                     "groups": budget.groups}
+
+    # ---- scores
+    scores = stored
+    if compute:
+        t0 = time.perf_counter()
+        scores, tps = score_experts(model, adapter, blocks["train"], bs, ctx.progress, desc="expert scores")
+        metrics.update({"scores/seconds": time.perf_counter() - t0, "scores/tokens_per_s": tps})
+    if scores is not None:
+        if scores.layer_names != names:
+            raise ConfigError(f"expert_prune.scores={settings.scores}: scores for routers {scores.layer_names}, this "
+                              f"model's routers are {names}; pass the scores of a run on this model")
+        scores.save(out_dir / "expert_scores.safetensors")
+    table = scores.criterion(settings.criterion) if settings.criterion != "random" else None
+    removed = choose_removed(budget, table)
+    expert_map = {layer.router_name: [e for e in range(budget.num_experts) if e not in removed[layer.index]]
+                  for layer in layers}
+    (out_dir / "expert_map.json").write_text(json.dumps(expert_map, indent=1) + "\n")
+    for layer in layers:
+        log.info("%s: removing experts %s (%s)", layer.router_name, removed[layer.index], settings.criterion)
+
+    # ---- baseline
+    before = evaluate_perplexity(model, heldout, bs, ctx.progress, desc="before", by_label=True)
+
+    # ---- prune (masked in memory: what the pruned checkpoint computes), measure, export
+    swap = substitute_routers(model, adapter, lambda layer: ExpertMaskRouter(layer, adapter, removed[layer.index]))
+    try:
+        after = evaluate_perplexity(model, heldout, bs, ctx.progress, desc="pruned", by_label=True)
+        metrics.update({**before.flat("before"), **after.flat("after")})
+        for group, change in relative_change(after.ppl, before.ppl).items():
+            metrics[f"rel_change/ppl/{group}"] = change
+            log.info("%-10s ppl %8.3f -> %8.3f (%+.1f%%)", group, before.ppl[group], after.ppl[group], 100 * change)
+        if ctx.export.enabled:
+            metrics.update(export_pruned(model, adapter, ctx.source_dir, ctx.export.dir, ctx.export.options, removed,
+                                         heldout.input_ids[:2]))
+            (ctx.export.dir / "expert_map.json").write_text(json.dumps(expert_map, indent=1) + "\n")
+            metrics["export/done"] = True
+    finally:
+        swap.restore()
+    return metrics
+
+
+def _read_scores(path: str) -> ExpertScores:
+    try:
+        return ExpertScores.load(path)
+    except (OSError, ValueError) as err:  # a missing or foreign file is a setting to fix, said in one line
+        raise ConfigError(f"expert_prune.scores={path}: {err}") from None
