@@ -38,6 +38,7 @@ from torch import nn
 from ..arch import ArchAdapter, MoELayer
 from ..block_runner import Batch, BatchHook, Scope, run_blocks
 from ..data import TokenBlocks
+from .usage_probe import probed_layers
 
 __all__ = ["CRITERIA_FROM_SCORES", "ExpertScoreProbe", "ExpertScores", "score_experts"]
 
@@ -119,11 +120,7 @@ class ExpertScoreProbe:
 
     def __init__(self, model: nn.Module, adapter: ArchAdapter, group_names: list[str] | None = None):
         self.adapter = adapter
-        self.layers: list[MoELayer] = adapter.moe_layers(model)
-        experts = {layer.num_experts for layer in self.layers}
-        if len(experts) != 1:
-            raise ValueError(f"MoE layers have different expert counts {sorted(experts)}; the probe expects one")
-        self.num_experts = experts.pop()
+        self.layers, self.num_experts = probed_layers(model, adapter)
         self.group_names = list(group_names) if group_names else ["all"]
         self._routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer pos -> (indices, weights)
         self._sums: dict[int, dict[str, torch.Tensor]] = {}                # layer pos -> {name: [G(, E)]}

@@ -33,6 +33,15 @@ from ..hooks import forward_hooks
 from .stats import UsageStats, entropy_bits
 
 
+def probed_layers(model: nn.Module, adapter: ArchAdapter) -> tuple[list[MoELayer], int]:
+    """The MoE layers a probe hooks and their one expert count (statistics are [L, G, E] tensors)."""
+    layers = adapter.moe_layers(model)
+    experts = {layer.num_experts for layer in layers}
+    if len(experts) != 1:
+        raise ValueError(f"MoE layers have different expert counts {sorted(experts)}; the probe expects one")
+    return layers, experts.pop()
+
+
 class RouterUsageProbe:
     def __init__(
         self,
@@ -44,11 +53,7 @@ class RouterUsageProbe:
     ):
         self.model = model
         self.adapter = adapter
-        self.layers: list[MoELayer] = adapter.moe_layers(model)
-        experts = {layer.num_experts for layer in self.layers}
-        if len(experts) != 1:
-            raise ValueError(f"MoE layers have different expert counts {sorted(experts)}; the probe expects one")
-        self.num_experts = experts.pop()
+        self.layers, self.num_experts = probed_layers(model, adapter)
         self.group_names = list(group_names) if group_names else ["all"]
         self.trace_path = Path(trace_path) if trace_path else None
         self.trace_max_tokens = trace_max_tokens
