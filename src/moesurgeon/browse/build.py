@@ -24,6 +24,7 @@ from .errors import BrowseError
 from .expert_map import expert_maps
 from .expert_stats import expert_tracks, tensor_rows
 from .inventory import Inventory, read_inventory
+from .kernels import NEAR_ZERO
 from .layout import ModelLayout, detect_layout, inventory_only_layout
 from .overlays import read_overlays
 from .page import page_data, write_page
@@ -109,7 +110,7 @@ def build_browser(checkpoint_dir: Path, out_dir: Path, *, usage: Sequence[Path] 
     plans = _plans(layout, plan, settings)
     cache = StatsCache(cache_dir)
     # what changes the numbers (not `workers`: results are folded in file order whatever the thread count)
-    cache_settings = {**asdict(settings), "near_zero": 1e-2}
+    cache_settings = {**asdict(settings), "near_zero": NEAR_ZERO}
     cache_settings.pop("workers")
     partner_key = plan.key(inv_b) if plan is not None else None
     results: dict[str, ShardResult] = {}

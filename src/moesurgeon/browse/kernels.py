@@ -186,12 +186,6 @@ def _sum_squares(f: torch.Tensor) -> float:
     return float(torch.dot(flat.double(), flat.double())) if flat.numel() <= 65536 else float(torch.dot(flat, flat))
 
 
-def _orthogonalise(w: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
-    for b in basis:
-        w = w - torch.dot(w, b) * b
-    return w
-
-
 def _bidiagonal_norm(alphas: list[float], betas: list[float]) -> float:
     """Largest singular value of the upper bidiagonal matrix with diagonal `alphas` and superdiagonal `betas`."""
     k = len(alphas)

@@ -89,9 +89,15 @@ def _asset(name: str) -> str:
     return (resources.files("moesurgeon.browse") / "static" / name).read_text(encoding="utf-8")
 
 
-def render(data: dict, *, compacted: bool = False) -> str:
-    """The whole page as one string (`compacted`: `data` already went through `compact`)."""
-    payload = json.dumps(data if compacted else compact(data), allow_nan=False, separators=(",", ":"))
+def _json(data: dict) -> str:
+    return json.dumps(data, allow_nan=False, separators=(",", ":"))
+
+
+def render(data: dict, *, compacted: bool = False, payload: str | None = None) -> str:
+    """The whole page as one string (`compacted`: `data` already went through `compact`; `payload`: its JSON,
+    when the caller has serialised it already)."""
+    if payload is None:
+        payload = _json(data if compacted else compact(data))
     # "<" only occurs inside JSON strings, where \u003c means the same: no "</script>" can end the tag early
     payload = payload.replace("<", "\\u003c")
     script = "\n".join(f"// ---- {name}\n{_asset(name)}" for name in SCRIPTS)
@@ -111,8 +117,8 @@ def write_page(out_dir: Path, data: dict) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     page = out_dir / "index.html"
     data = compact(data)
-    for path, text in ((out_dir / "data.json", json.dumps(data, allow_nan=False, separators=(",", ":"))),
-                       (page, render(data, compacted=True))):
+    payload = _json(data)  # data.json and the page's embedded data are the same JSON: serialise it once
+    for path, text in ((out_dir / "data.json", payload), (page, render(data, compacted=True, payload=payload))):
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
