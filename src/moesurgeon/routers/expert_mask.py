@@ -74,7 +74,6 @@ class ExpertMaskRouter(CustomRouter):
     """The family router with some experts disabled (logit -inf)."""
 
     exact_export: ClassVar[str | None] = "prune"  # surgery/prune_experts.py: a checkpoint without those experts
-    resources: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, layer: MoELayer, adapter: ArchAdapter, experts: MaskSpec = ()):
         super().__init__(layer, adapter)

@@ -67,7 +67,6 @@ class StaticBiasRouter(CustomRouter):
     """The family router with a constant per-expert bias (see module docstring for `space`)."""
 
     exact_export: ClassVar[str | None] = "bias"  # surgery/bias_export.py: the family's own router bias tensor
-    resources: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, layer: MoELayer, adapter: ArchAdapter, bias: Mapping | None = None, space: str = "auto"):
         super().__init__(layer, adapter)

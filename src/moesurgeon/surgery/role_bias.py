@@ -28,7 +28,7 @@ from torch import nn
 
 from ..arch import ArchAdapter, MoELayer
 from ..data import TokenBlocks
-from ..routers.agreement import label_groups
+from ..block_runner import label_groups
 from ..routers.errors import RouterConfigError
 from ..routers.role_context import RoleContext
 from ..routers.role_aware import RoleAwareRouter
