@@ -46,15 +46,27 @@ class Batch:
     label_ids: torch.Tensor  # [B] long, index into the blocks' label_names, -1 = unlabelled
     label: str | None = None  # the label group being run (run_blocks(by_label=True)), else None
     _real: torch.Tensor = field(init=False, repr=False)
+    _groups: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        # flattened once per batch: every hook of the forward reads the same mask
+        # flattened once per batch: every hook of the forward reads the same mask and label groups
         self._real = self.attention_mask.reshape(-1).bool()
+        # unlabelled rows (-1) count in the first group, as in a run over unlabelled data
+        self._groups = self.label_ids.clamp_min(0).repeat_interleave(self.attention_mask.shape[-1])
 
     def real(self, device: torch.device | str | None = None) -> torch.Tensor:
         """[B*S] bool, True on real tokens, in the flat order routers see the batch; on `device` if given
         (a model spread over several devices runs each router on its own)."""
         return self._real if device is None else self._real.to(device)
+
+    def flat(self, tokens: int, device: torch.device | str, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(real-token mask [T], label-group index [T]) on `device` for a hook that saw `tokens` flat tokens;
+        refuses a batch whose mask does not cover those tokens (`where`: the module, for the message)."""
+        real = self.real(device)
+        if real.numel() != tokens:
+            raise ValueError(f"the batch's attention mask of {real.numel()} tokens does not match the {tokens} tokens "
+                             f"{where} saw; pass the mask of the batch being run")
+        return real, self._groups.to(device)
 
 
 BatchHook = Callable[[nn.Module, tuple, Any, Batch], Any]

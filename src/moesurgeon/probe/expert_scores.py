@@ -178,12 +178,7 @@ class ExpertScoreProbe:
             real = torch.ones(T, dtype=torch.bool, device=device)
             groups = torch.zeros(T, dtype=torch.long, device=device)
         else:
-            real = batch.real(device)
-            if real.numel() != T:
-                raise ValueError(f"the batch's attention mask of {real.numel()} tokens does not match the {T} tokens "
-                                 f"router {layer.router_name} saw; pass the mask of the batch being run")
-            # unlabelled rows (-1) count in the first group, as the usage probe counts them
-            groups = batch.label_ids.to(device).clamp_min(0).repeat_interleave(batch.attention_mask.shape[-1])
+            real, groups = batch.flat(T, device, f"router {layer.router_name}")
         sums = self._sums.get(pos)
         if sums is None:
             sums = self._sums[pos] = {

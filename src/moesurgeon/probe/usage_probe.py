@@ -154,14 +154,7 @@ class RouterUsageProbe:
         if batch is None:
             mask, groups = None, torch.zeros(T, dtype=torch.long, device=device)
         else:
-            mask = batch.real(device)
-            if mask.numel() != T:
-                raise ValueError(
-                    f"the batch's attention mask of {mask.numel()} tokens does not match the {T} tokens router "
-                    f"{layer.router_name} saw; pass the mask of the batch being run"
-                )
-            # unlabelled rows (-1) count in the first group, as in a run over unlabelled data
-            groups = batch.label_ids.to(device).clamp_min(0).repeat_interleave(batch.attention_mask.shape[-1])
+            mask, groups = batch.flat(T, device, f"router {layer.router_name}")
         W = torch.nn.functional.one_hot(groups, G).float()
         if mask is not None:
             W = W * mask.unsqueeze(-1)
