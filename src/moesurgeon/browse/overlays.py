@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..probe.stats import FORMAT as USAGE_FORMAT
 from .errors import BrowseError
 from .layout import ModelLayout, layer_of
 
-USAGE_FORMAT = "moesurgeon.router_usage.v1"
 FILE_NAMES = ("usage_stats.safetensors", "expert_scores.safetensors")
 
 

@@ -26,18 +26,16 @@ as `UsageStats` (probe/stats.py) writes them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..arch import ArchAdapter, MoELayer
 from ..block_runner import Batch, BatchHook, Scope, run_blocks
 from ..data import TokenBlocks
+from .stats import read_layer_tables, write_layer_tables
 from .usage_probe import probed_layers
 
 __all__ = ["CRITERIA_FROM_SCORES", "ExpertScoreProbe", "ExpertScores", "score_experts"]
@@ -88,13 +86,9 @@ class ExpertScores:
 
     # ------------------------------------------------------------------ file format
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        meta = {"format": FORMAT, "layer_names": json.dumps(self.layer_names),
-                "group_names": json.dumps(self.group_names), "top_k": json.dumps(self.top_k)}
-        tensors = {n: getattr(self, n).detach().cpu().contiguous() for n in SUMS}
-        tensors.update(reap=self.reap.contiguous(), output_norm=self.output_norm.contiguous())
-        save_file(tensors, str(path), metadata=meta)
-        return path
+        tensors = {n: getattr(self, n) for n in SUMS}
+        tensors.update(reap=self.reap, output_norm=self.output_norm)  # the means too, for readers of the file
+        return write_layer_tables(path, FORMAT, self.layer_names, self.group_names, self.top_k, tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> "ExpertScores":
@@ -105,14 +99,10 @@ class ExpertScores:
         if not path.is_file():
             raise FileNotFoundError(f"expert scores {path}: no such file; expected the expert_scores.safetensors "
                                     "of an earlier experiment=expert_prune run (or its run directory)")
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a moesurgeon expert-scores file (metadata format={meta.get('format')!r}, "
-                             f"expected {FORMAT!r}); pass the expert_scores.safetensors an expert_prune run wrote")
-        tensors = load_file(str(path))
-        return cls(json.loads(meta["layer_names"]), json.loads(meta["group_names"]), json.loads(meta["top_k"]),
-                   **{n: tensors[n] for n in SUMS})
+        layers, groups, top_k, tensors = read_layer_tables(
+            path, FORMAT, "{path}: not a moesurgeon expert-scores file (metadata format={found!r}, expected "
+            f"{FORMAT!r}); pass the expert_scores.safetensors an expert_prune run wrote")
+        return cls(layers, groups, top_k, **{n: tensors[n] for n in SUMS})
 
 
 class ExpertScoreProbe:

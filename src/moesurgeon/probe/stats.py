@@ -23,6 +23,30 @@ import torch
 from safetensors.torch import load_file, save_file
 
 TENSORS = ("tokens", "counts", "gate_mass", "prob_sum", "entropy_sum", "coact")
+FORMAT = "moesurgeon.router_usage.v1"
+
+
+def write_layer_tables(path: str | Path, fmt: str, layer_names: list[str], group_names: list[str], top_k,
+                       tensors: dict[str, torch.Tensor]) -> Path:
+    """One safetensors file of per-layer statistics: the tensors plus the metadata every reader needs
+    (format, router names, label groups, top-k). Shared by usage statistics and expert scores."""
+    meta = {"format": fmt, "layer_names": json.dumps(layer_names), "group_names": json.dumps(group_names),
+            "top_k": json.dumps(top_k)}
+    save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(path), metadata=meta)
+    return Path(path)
+
+
+def read_layer_tables(path: str | Path, fmt: str, not_this_format: str) -> tuple[list, list, object, dict]:
+    """(layer_names, group_names, top_k, tensors) of a file `write_layer_tables` wrote with format `fmt`;
+    another file is refused with `not_this_format` (formatted with {path} and {found})."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != fmt:
+        raise ValueError(not_this_format.format(path=path, found=meta.get("format")))
+    tensors = load_file(str(path))
+    return json.loads(meta["layer_names"]), json.loads(meta["group_names"]), json.loads(meta["top_k"]), tensors
 
 
 @dataclass
@@ -61,32 +85,15 @@ class UsageStats:
 
     # ------------------------------------------------------------------ file format
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        meta = {
-            "format": "moesurgeon.router_usage.v1",
-            "layer_names": json.dumps(self.layer_names),
-            "group_names": json.dumps(self.group_names),
-            "top_k": json.dumps(self.top_k),
-        }
-        save_file({n: getattr(self, n).detach().cpu().contiguous() for n in TENSORS}, str(path), metadata=meta)
-        return path
+        return write_layer_tables(path, FORMAT, self.layer_names, self.group_names, self.top_k,
+                                  {n: getattr(self, n) for n in TENSORS})
 
     @classmethod
     def load(cls, path: str | Path) -> "UsageStats":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != "moesurgeon.router_usage.v1":
-            raise ValueError(
-                f"{path}: not a moesurgeon router-usage file (metadata format={meta.get('format')!r}); "
-                "expected a `usage_stats.safetensors` written by experiment=router_usage"
-            )
-        tensors = load_file(str(path))
-        return cls(
-            json.loads(meta["layer_names"]), json.loads(meta["group_names"]), json.loads(meta["top_k"]),
-            **{n: tensors[n] for n in TENSORS},
-        )
+        layers, groups, top_k, tensors = read_layer_tables(
+            path, FORMAT, "{path}: not a moesurgeon router-usage file (metadata format={found!r}); "
+            "expected a `usage_stats.safetensors` written by experiment=router_usage")
+        return cls(layers, groups, top_k, **{n: tensors[n] for n in TENSORS})
 
     # ------------------------------------------------------------------ derived quantities
     def merged(self) -> "UsageStats":
