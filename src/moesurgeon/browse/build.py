@@ -65,41 +65,54 @@ def load_layout(inv: Inventory) -> ModelLayout:
         return inventory_only_layout(inv.shapes(), f"{exc} The inventory alone is shown.")
 
 
+@dataclass
+class Prepared:
+    """What `preflight` read from headers and small files, handed on to `build_browser` so it is not read twice."""
+
+    inv: Inventory
+    layout: ModelLayout
+    overlays: list[dict]
+    other: tuple | None = None  # compare_to: (inventory, layout, expert maps, how they were found)
+
+
 def preflight(checkpoint_dir: Path, *, usage: Sequence[Path] = (), compare_to: Path | None = None,
-              expert_map: Path | None = None, settings: BrowseSettings = BrowseSettings()) -> None:
-    """Every check that needs only headers and small files (seconds): run it before loading a model."""
+              expert_map: Path | None = None, settings: BrowseSettings = BrowseSettings()) -> Prepared:
+    """Every check that needs only headers and small files (seconds): run it before loading a model.
+    Pass the result to `build_browser(prepared=...)`."""
     settings.check()
     inv = read_inventory(Path(checkpoint_dir))
     layout = load_layout(inv)
-    if usage:
-        read_overlays([Path(p) for p in usage], layout)
+    overlays = read_overlays([Path(p) for p in usage], layout) if usage else []
+    other = None
     if compare_to is not None:
-        other = read_inventory(Path(compare_to))
-        expert_maps(inv, layout, other, load_layout(other), expert_map)
+        inv_b = read_inventory(Path(compare_to))
+        lay_b = load_layout(inv_b)
+        other = (inv_b, lay_b, *expert_maps(inv, layout, inv_b, lay_b, expert_map))
+    return Prepared(inv, layout, overlays, other)
 
 
 def build_browser(checkpoint_dir: Path, out_dir: Path, *, usage: Sequence[Path] = (), compare_to: Path | None = None,
                   expert_map: Path | None = None, output_similarity: Mapping[int, dict] | None = None,
                   settings: BrowseSettings = BrowseSettings(), cache_dir: Path | None = None,
-                  progress: bool = True, title: str | None = None) -> dict:
+                  progress: bool = True, title: str | None = None, prepared: Prepared | None = None) -> dict:
     """Write `out_dir/index.html` for `checkpoint_dir`; return flat metrics (metrics.json keys).
 
     usage: usage_stats / expert_scores files (or run dirs) to overlay; compare_to: another checkpoint for the
     diff track; expert_map: its expert_map.json when not beside either checkpoint; output_similarity:
     {layer: {"matrix": E x E, ...}} from `expert_output_similarity` (needs the model); cache_dir: where
-    per-shard statistics are kept between runs (None: no cache).
+    per-shard statistics are kept between runs (None: no cache); prepared: `preflight`'s result for the same
+    arguments (otherwise it runs here).
     """
     settings.check()
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    inv = read_inventory(Path(checkpoint_dir))
-    layout = load_layout(inv)
-    overlays = read_overlays([Path(p) for p in usage], layout) if usage else []
+    if prepared is None:
+        prepared = preflight(checkpoint_dir, usage=usage, compare_to=compare_to, expert_map=expert_map,
+                             settings=settings)
+    inv, layout, overlays = prepared.inv, prepared.layout, prepared.overlays
     plan = inv_b = lay_b = None
-    if compare_to is not None:
-        inv_b = read_inventory(Path(compare_to))
-        lay_b = load_layout(inv_b)
-        maps, how = expert_maps(inv, layout, inv_b, lay_b, expert_map)
+    if prepared.other is not None:
+        inv_b, lay_b, maps, how = prepared.other
         plan = plan_diff(inv, layout, inv_b, lay_b, maps, how, settings.chunk_mb << 20)
     title = title or inv.root.name
     write_page(out_dir, page_data(title, inv, layout, settings=asdict(settings), pending=True))

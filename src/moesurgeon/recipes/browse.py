@@ -33,8 +33,8 @@ def run(ctx: RunContext, settings: BrowseRecipeSettings) -> dict:
     # `threads` (auto: the cores free now) sets how many threads compute statistics while one reads
     workers = resolve_threads(ctx.threads, "cpu") or 1
     options = BrowseSettings(settings.sigma_steps, settings.sample_per_expert, settings.chunk_mb, min(4, workers))
-    preflight(ctx.source_dir, usage=[Path(p) for p in usage], compare_to=compare_to, expert_map=expert_map,
-              settings=options)
+    prepared = preflight(ctx.source_dir, usage=[Path(p) for p in usage], compare_to=compare_to,
+                         expert_map=expert_map, settings=options)
 
     # ---- measure: outputs on calibration data (optional), then the files themselves
     output_similarity = None
@@ -49,7 +49,8 @@ def run(ctx: RunContext, settings: BrowseRecipeSettings) -> dict:
     out = ctx.out_dir / "browser"
     metrics = build_browser(ctx.source_dir, out, usage=[Path(p) for p in usage], compare_to=compare_to,
                             expert_map=expert_map, output_similarity=output_similarity, settings=options,
-                            cache_dir=cache_dir, progress=ctx.progress, title=Path(str(ctx.model.path)).name)
+                            cache_dir=cache_dir, progress=ctx.progress, title=Path(str(ctx.model.path)).name,
+                            prepared=prepared)
 
     # ---- report
     log.info("browse: %d tensors, %d MoE layers; %d shards read (%.2f GB/s), %d from the cache %s",
