@@ -22,14 +22,13 @@ from pathlib import Path
 
 import torch
 
-# safetensors dtype -> torch dtype for the dtypes whose statistics we compute (little-endian on disk,
-# as on every platform torch supports for these)
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    **{name: getattr(torch, attr) for name, attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
-       if hasattr(torch, attr)},
-}
-_ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in TORCH_DTYPES.items()}
+from ..io.safetensors_format import element_bits, torch_dtype
+
+# safetensors dtype -> torch dtype for the floating dtypes whose statistics we compute (little-endian on
+# disk, as on every platform torch supports for these); the table itself is io's
+_STATS_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+TORCH_DTYPES: dict[str, torch.dtype] = {name: torch_dtype(name) for name in _STATS_DTYPES if torch_dtype(name)}
+_ITEMSIZE = {name: element_bits(name) // 8 for name in TORCH_DTYPES}
 
 
 @dataclass(frozen=True)

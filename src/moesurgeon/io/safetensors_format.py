@@ -83,6 +83,12 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise CheckpointError(f"dtype {dtype} has no safetensors encoding; cast the tensor first") from None
 
 
+def torch_dtype(dtype: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype name; None when torch has none (or the name is unknown)."""
+    entry = _DTYPE_TABLE.get(dtype)
+    return entry[0] if entry else None
+
+
 def element_bits(dtype: str) -> int | None:
     """Bits per element of a safetensors dtype name; None for names this module does not know."""
     entry = _DTYPE_TABLE.get(dtype)
