@@ -59,7 +59,7 @@ class DataSettings:
     heldout: SplitSettings = field(default_factory=SplitSettings)
     train: SplitSettings = field(default_factory=SplitSettings)
 
-    def spec(self, split: str, seed: int, only_labels: list[str] | None = None) -> DataSpec:
+    def spec(self, split: str, seed: int) -> DataSpec:
         part: SplitSettings = getattr(self, split)
         if part.path is None:
             raise ConfigError(f"data.{split}.path is not set: pass data.{split}.path=<file or dataset dir>")
@@ -67,7 +67,7 @@ class DataSettings:
             path=part.path, format=self.format, text_field=self.text_field, label_field=self.label_field,
             split=part.split, block_size=self.block_size,
             max_examples=part.max_examples if part.max_examples is not None else self.max_examples,
-            only_labels=list(only_labels) if only_labels else None, seed=seed,
+            seed=seed,
         )
 
 
@@ -128,8 +128,8 @@ class RunContext:
     def batch_size(self) -> int:
         return self.data.batch_size
 
-    def data_spec(self, split: str, only_labels: list[str] | None = None) -> DataSpec:
-        return self.data.spec(split, self.seed, only_labels)
+    def data_spec(self, split: str) -> DataSpec:
+        return self.data.spec(split, self.seed)
 
     def moved_to(self, out_dir: Path) -> "RunContext":
         """The same run in another directory (every process of a multi-process run uses rank 0's)."""
@@ -137,24 +137,23 @@ class RunContext:
         return replace(self, out_dir=Path(out_dir), export=export)
 
     # ---- loading, cheapest check first (module docstring)
-    def load(self, splits=("heldout",), *, only_labels: list[str] | None = None,
-             export_rewrites_shards: bool = True) -> Loaded:
-        """Tokenizer -> data (checked) -> export target -> threads -> model. `only_labels` filters data.train;
+    def load(self, splits=("heldout",), *, export_rewrites_shards: bool = True) -> Loaded:
+        """Tokenizer -> data (checked) -> export target -> threads -> model.
         `export_rewrites_shards`: False when the export edits config.json only (top-k)."""
         tokenizer = self.load_tokenizer()
-        blocks = self.load_blocks(tokenizer, splits, only_labels)
+        blocks = self.load_blocks(tokenizer, splits)
         self.check_export(rewrites_shards=export_rewrites_shards)
         return Loaded(self.load_model(tokenizer), tokenizer, blocks)
 
     def load_tokenizer(self):
         return load_tokenizer(self._model_spec(), self.source_dir)
 
-    def load_blocks(self, tokenizer, splits=("heldout",), only_labels=None) -> dict[str, TokenBlocks]:
+    def load_blocks(self, tokenizer, splits=("heldout",)) -> dict[str, TokenBlocks]:
         """{split: TokenBlocks}, each checked against the model's vocabulary and positions (config.json)."""
         config = self.model_config or {}
         blocks = {}
         for split in splits:
-            spec = self.data_spec(split, only_labels if split == "train" else None)
+            spec = self.data_spec(split)
             blocks[split] = load_blocks(spec, tokenizer, config.get("max_position_embeddings"))
             self.check_token_ids(blocks[split], tokenizer, where=f"data.{split} ({spec.path})")
             log.info("data %s: %d blocks, %d tokens, labels %s", split, len(blocks[split]),
