@@ -101,6 +101,9 @@ def test_expert_prune_random_keep_and_stored_scores(tiny_checkpoint, tmp_path):
                                          "expert_prune.keep=[0,1]", "expert_prune.ratio=0.5")), first)
     kept = json.loads((first / "expert_map.json").read_text())
     assert all(len(v) == 4 and v[:2] == [0, 1] for v in kept.values())  # pinned experts stay
+    # the score figures: every criterion with the removed experts crossed out (no per-label figure for random)
+    assert (first / "expert_scores.png").stat().st_size > 5_000
+    assert not list(first.glob("expert_scores_*_by_label.png"))
     # scores of the first run, read instead of computed: same choice as computing them again
     again = tmp_path / "b"
     run_experiment(compose_cfg(overrides(tmp_path, ckpt, "expert_prune.criterion=gate_mass",
@@ -109,6 +112,7 @@ def test_expert_prune_random_keep_and_stored_scores(tiny_checkpoint, tmp_path):
     run_experiment(compose_cfg(overrides(tmp_path, ckpt, "expert_prune.criterion=gate_mass",
                                          "export.enabled=false")), scored)
     assert json.loads((again / "expert_map.json").read_text()) == json.loads((scored / "expert_map.json").read_text())
+    assert (scored / "expert_scores_gate_mass_by_label.png").stat().st_size > 5_000
     assert not (again / "checkpoint").exists()
 
 

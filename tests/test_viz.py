@@ -126,3 +126,23 @@ def test_html_without_coact_and_shape_errors(tmp_path):
                          layer_names=list("0123"), coact=_coact(4, 8), coact_layer=4)
     with pytest.raises(ValueError, match=r"got shape \(8,\)"):
         write_usage_html(tmp_path / "r.html", title="t", usage=np.zeros(8), group_names=[], layer_names=[])
+
+
+def test_plot_expert_scores_marks_removed_and_checks_shapes(tmp_path):
+    from moesurgeon.viz.score_heatmaps import plot_expert_scores
+
+    rng = np.random.default_rng(0)
+    tables = {"frequency": rng.random((3, 8)), "reap": rng.random((3, 8))}
+    plain = plot_expert_scores(tables, ["L0", "L1", "L2"], tmp_path / "plain.png", title="scores")
+    marked = plot_expert_scores(tables, ["L0", "L1", "L2"], tmp_path / "marked.png", title="scores",
+                                removed={0: [1, 2], 2: [7]})
+    _assert_png(plain)
+    _assert_png(marked)
+    # the crosses are drawn: the two images differ inside the panels
+    a, b = imread(plain), imread(marked)
+    assert a.shape[:2] != b.shape[:2] or not np.array_equal(a, b)
+    with pytest.raises(ValueError, match=r"\[layers, experts\]"):
+        plot_expert_scores({"a": np.zeros((3, 8)), "b": np.zeros((3, 7))}, ["L0", "L1", "L2"], tmp_path / "x.png",
+                           title="t")
+    with pytest.raises(ValueError, match=r"removed\[0\]=\[8\]"):
+        plot_expert_scores(tables, ["L0", "L1", "L2"], tmp_path / "y.png", title="t", removed={0: [8]})

@@ -10,7 +10,8 @@ perplexity per label -> prune: the removed experts masked out of routing in memo
 (ExpertMaskRouter), which is what the pruned checkpoint computes -> the same measurement -> export:
 a checkpoint without those experts (surgery/prune_experts.py, exact on every supported family for
 a group-balanced prune), reloaded and its logits compared with the masked model
-(`export/max_abs_logit_diff`). criterion=random needs no scores but still computes them when data.train
+(`export/max_abs_logit_diff`). Figures: expert_scores.png (every criterion, the removed experts crossed
+out) and expert_scores_<criterion>_by_label.png. criterion=random needs no scores but still computes them when data.train
 is set (for the file); data.train.path=null or expert_prune.scores=PATH skips that pass.
 Settings: `expert_prune.*` (ExpertPruneSettings, recipes/settings.py).
 """
@@ -28,6 +29,7 @@ from ..routers import ExpertMaskRouter, substitute_routers
 from ..run_context import RunContext
 from ..surgery import export_pruned
 from ..surgery.expert_selection import choose_removed, plan_budget
+from .score_figures import draw_scores
 from .settings import ExpertPruneSettings
 
 log = logging.getLogger("moesurgeon")
@@ -76,6 +78,10 @@ def run(ctx: RunContext, settings: ExpertPruneSettings) -> dict:
     (out_dir / "expert_map.json").write_text(json.dumps(expert_map, indent=1) + "\n")
     for layer in layers:
         log.info("%s: removing experts %s (%s)", layer.router_name, removed[layer.index], settings.criterion)
+    if scores is not None and settings.figures:
+        draw_scores(scores, out_dir, removed_rows={row: removed[layer.index] for row, layer in enumerate(layers)},
+                    criterion=settings.criterion if settings.criterion != "random" else None,
+                    what=f"expert_prune criterion={settings.criterion} ratio={settings.ratio:g}")
 
     # ---- baseline
     before = evaluate_perplexity(model, heldout, bs, ctx.progress, desc="before", by_label=True)

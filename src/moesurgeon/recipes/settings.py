@@ -153,6 +153,41 @@ class ExpertPruneSettings:
     keep: list[int] | dict[int, list[int]] | None = None  # pinned experts: for every layer, or {layer_index: [..]}
     seed: int = 0                  # criterion=random: the draw
     scores: str | None = None      # expert_scores.safetensors (or run dir) of an earlier run; null: score data.train
+    figures: bool = True           # expert_scores.png (every criterion, removed experts crossed out) + per label
+
+
+@dataclass
+class ExpertMergeSettings:
+    ratio: float = 0.25            # share of each MoE layer's experts merged away (same count per layer), in (0, 1)
+    # what experts are clustered by: output (mean expert output on the same calibration tokens, as HC-SMoE) |
+    # weight (the experts' weights) | router (their router rows)
+    similarity: str = "output"
+    linkage: str = "average"       # hierarchical clustering linkage: average | complete | single
+    # the merged expert's router row (and per-expert router bias): dominant (the row of the cluster's most-used
+    # member) | freq_mean (the members' rows averaged, weighted by how often each was chosen)
+    router_rule: str = "dominant"
+    calib_tokens: int = 512        # similarity=output: calibration tokens of data.train per layer
+    scores: str | None = None      # expert_scores.safetensors (or run dir) of an earlier run; null: score data.train
+
+
+@dataclass
+class ExpertTransplantSettings:
+    donor: str | None = None       # checkpoint directory of the same family and shapes (a sibling fine-tune, an export)
+    # the experts copied from the donor into the same slots of the target: for every MoE layer ([3, 7]) or
+    # {layer_index: [experts]}
+    experts: list[int] | dict[int, list[int]] | None = None
+    routers: bool = False          # also copy those experts' router rows (and per-expert router biases) from the donor
+
+
+@dataclass
+class ExpertGrowSettings:
+    add: int = 2                   # new experts per MoE layer (config.json's expert count grows by this)
+    # clone_top: copies of the most-used experts (data.train usage, or `scores`) | clone_noise: the same plus
+    # Gaussian noise of `noise` x each tensor's RMS | random: new weights drawn like the layer's (RMS-matched)
+    init: str = "clone_top"
+    noise: float = 0.01
+    seed: int = 0
+    scores: str | None = None      # expert_scores.safetensors (or run dir) of an earlier run; null: score data.train
 
 
 @dataclass(frozen=True)
@@ -174,6 +209,9 @@ RECIPES: dict[str, Recipe] = {
     "role_router": Recipe(RoleRouterSettings),
     "browse": Recipe(BrowseRecipeSettings, needs_tokenizer=lambda s: s.data),
     "expert_prune": Recipe(ExpertPruneSettings),
+    "expert_merge": Recipe(ExpertMergeSettings),
+    "expert_transplant": Recipe(ExpertTransplantSettings),
+    "expert_grow": Recipe(ExpertGrowSettings),
 }
 
 
