@@ -29,10 +29,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import TokenBlocks
+from .distributed import Shard
 from .hooks import forward_hooks
 from .models import input_device
 
-__all__ = ["Batch", "BatchHook", "BatchSlot", "Scope", "Throughput", "label_groups", "run_blocks"]
+__all__ = ["Batch", "BatchHook", "BatchSlot", "Scope", "Throughput", "count_batches", "label_groups", "run_blocks"]
 
 Scope = Callable[[str], AbstractContextManager]
 
@@ -117,6 +118,12 @@ def label_groups(blocks: TokenBlocks) -> dict[str, TokenBlocks]:
     return {name: b for name, b in groups.items() if len(b)}
 
 
+def count_batches(blocks: TokenBlocks, batch_size: int, by_label: bool = False) -> int:
+    """How many batches `run_blocks` runs for these arguments."""
+    groups = list(label_groups(blocks).values()) if by_label else [blocks]
+    return sum(-(-len(g) // batch_size) for g in groups)
+
+
 @torch.no_grad()
 def run_blocks(
     model: nn.Module,
@@ -129,12 +136,15 @@ def run_blocks(
     on_output: Callable[[Batch, Any], None] | None = None,
     progress: bool = False,
     desc: str = "run",
+    shard: Shard | None = None,
 ) -> Throughput:
     """Run `blocks` through `model` in batches of `batch_size`; see the module docstring.
 
     `by_label=True` batches each label group separately, in label order (two runs of the same blocks
     line up token for token); `scope(label)` then wraps each group's forwards (e.g.
-    `RoleContext.data_label`, so label-triggered roles apply)."""
+    `RoleContext.data_label`, so label-triggered roles apply).
+    `shard` (torchrun, moesurgeon/distributed.py): run only the batches i with i mod world == rank, counting
+    batches across label groups, so each batch is exactly the one a single process would run."""
     if scope is not None and not by_label:
         raise ValueError("run_blocks(scope=...) enters scope(label) for each label group: pass by_label=True too")
     device = input_device(model)
@@ -142,12 +152,18 @@ def run_blocks(
     slot = BatchSlot()
     done = Throughput()
     total = sum(group.num_tokens() for group in groups.values())
+    if shard is not None and shard.active:
+        total = -(-total // shard.world)  # about this process's share, for the bar only
+    index = -1
     bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not progress, leave=False)
     try:
         with forward_hooks([(module, slot.bind(fn)) for module, fn in hooks]):
             for label, group in groups.items():
                 with scope(label) if scope is not None else nullcontext():
                     for raw in group.batches(batch_size):
+                        index += 1
+                        if shard is not None and not shard.owns(index):
+                            continue
                         batch = Batch(raw["input_ids"].to(device), raw["attention_mask"].to(device),
                                       raw["label_ids"].to(device), label)
                         tokens = int(raw["attention_mask"].sum())  # from the CPU copy: no device sync

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..arch import ArchAdapter
-from ..block_runner import Scope, run_blocks
+from ..block_runner import Scope, count_batches, run_blocks
 from ..data import TokenBlocks
-from .stats import UsageStats
+from ..distributed import Shard, check_batches, sum_into
+from .stats import TENSORS, UsageStats
 from .usage_probe import RouterUsageProbe
 
 
@@ -23,15 +24,25 @@ def profile_usage(
     *,
     by_label: bool = False,
     scope: Scope | None = None,
+    shard: Shard | None = None,
 ) -> tuple[UsageStats, float]:
     """Return (usage statistics grouped by the blocks' labels, tokens/s of the probed forward).
 
-    `by_label` / `scope`: batch one label group at a time, inside `scope(label)` (see `run_blocks`)."""
+    `by_label` / `scope`: batch one label group at a time, inside `scope(label)` (see `run_blocks`).
+    `shard` (torchrun): this process runs its share of the batches and the statistics are summed over
+    every process, so each returns the statistics of all the blocks (moesurgeon/distributed.py)."""
+    if shard is not None and shard.active and trace_path is not None:
+        raise ValueError("a per-token trace is written by one process: run router_usage.trace=true without torchrun")
     if len(blocks) == 0:
         raise ValueError("no token blocks to profile: the dataset produced no blocks")
+    if shard is not None:
+        check_batches(shard, count_batches(blocks, batch_size, by_label))
     probe = RouterUsageProbe(model, adapter, group_names=blocks.label_names or ["all"], trace_path=trace_path,
                              trace_max_tokens=trace_max_tokens)
     with probe.tracing():
         done = run_blocks(model, blocks, batch_size, hooks=probe.hooks(), by_label=by_label, scope=scope,
-                          progress=progress, desc=desc)
-    return probe.stats, done.tokens_per_s
+                          progress=progress, desc=desc, shard=shard)
+    stats = probe.stats
+    if shard is not None:
+        sum_into(shard, [getattr(stats, name) for name in TENSORS])
+    return stats, done.tokens_per_s

@@ -3,6 +3,8 @@
 setup (the run context: model checked, config.json read; the held-out blocks; the model) ->
 profile under the probe -> write statistics, heatmaps (PNG + one interactive HTML page) and metrics.
 Settings: `router_usage.*` (RouterUsageSettings, recipes/settings.py).
+Under `torchrun --nproc_per_node N` each process profiles every N-th batch and the sums are added,
+equal to a one-process run (moesurgeon/distributed.py); rank 0 writes the files.
 
 Files in the run dir:
 - usage_stats.safetensors  the accumulated statistics (format: moesurgeon/probe/stats.py docstring)
@@ -18,7 +20,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..distributed import check_same, fingerprint, join
 from ..errors import ConfigError
+from ..models import input_device
 from ..probe import UsageStats, layer_metrics, profile_usage, shift_metrics
 from ..probe.stats import js_divergence_bits
 from ..run_context import RunContext
@@ -68,14 +72,23 @@ def run(ctx: RunContext, settings: RouterUsageSettings) -> dict:
     compare_to = UsageStats.load(settings.compare_to) if settings.compare_to else None
     model, _, blocks = ctx.load(splits=("heldout",))
     heldout = blocks["heldout"]
+    # under torchrun every process profiles its share of the batches and the sums are added (distributed.py)
+    shard = join(input_device(model))
+    if shard.active and settings.trace:
+        raise ConfigError("router_usage.trace=true writes one per-token file from one process: run it without "
+                          "torchrun, or set router_usage.trace=false")
+    check_same(shard, "settings, model or held-out data", fingerprint(
+        repr(settings), repr(ctx.data), str(ctx.model), str(ctx.batch_size), heldout.input_ids, heldout.attention_mask, heldout.labels))
 
     # ---- measure
     trace = ctx.out_dir / "trace.jsonl" if settings.trace else None
     stats, tokens_per_s = profile_usage(model, ctx.adapter, heldout, batch_size=ctx.batch_size, trace_path=trace,
-                                        trace_max_tokens=settings.trace_max_rows, progress=ctx.progress)
-    stats.save(ctx.out_dir / "usage_stats.safetensors")
+                                        trace_max_tokens=settings.trace_max_rows, progress=ctx.progress, shard=shard)
     metrics = layer_metrics(stats)
-    metrics["probe_tokens_per_s"] = tokens_per_s
+    metrics.update({"probe_tokens_per_s": tokens_per_s, "processes": shard.world})
+    if not ctx.main_process:  # the same sums in every process: one writes them
+        return metrics
+    stats.save(ctx.out_dir / "usage_stats.safetensors")
 
     # ---- report
     table = [{"metric": k, "value": round(v, 4) if isinstance(v, float) else v} for k, v in metrics.items()
