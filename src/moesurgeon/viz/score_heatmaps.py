@@ -73,7 +73,7 @@ def plot_expert_scores(
             xs = [e for row in sorted(removed) for e in removed[row]]
             ys = [row for row in sorted(removed) for _ in removed[row]]
             # white cross with a dark edge: visible on both ends of viridis
-            size = max(8.0, 160.0 / max(n_experts / 16, 1))
+            size = max(6.0, 90.0 / max(n_experts / 16, 1))
             ax.scatter(xs, ys, marker="x", s=size, c="white", linewidths=1.8)
             ax.scatter(xs, ys, marker="x", s=size * 0.45, c="black", linewidths=0.8)
     for ax in list(axes.flat)[len(arrays):]:
