@@ -95,3 +95,28 @@ def test_failed_verification_leaves_no_output(tiny_checkpoint, tmp_path, monkeyp
                              probe_input_ids=torch.randint(3, 90, (1, 4)))
     assert not (tmp_path / "bad").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")]
+
+
+def test_extra_patch_decides_the_router_tensors_it_names(tiny_checkpoint, tmp_path):
+    """A router the extra patch drops and re-adds (a prune's or merge's rows) gets no replacement from the in-memory
+    model, whose rows differ from disk: the extra patch's value is written, the other routers are replaced."""
+    from moesurgeon.io import Patch
+
+    src = tiny_checkpoint("qwen3_moe")
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    adapter = get_adapter(model)
+    layers = adapter.moe_layers(model)
+    with torch.no_grad():
+        for layer in layers:
+            layer.router.weight.add_(1.0)
+    first = adapter.router_tensor_names(layers[0])[f"{layers[0].router_name}.weight"]
+    rows = torch.full_like(CheckpointReader(src).get(first), 0.125)
+    extra = Patch(drop={first}, add={first: rows})
+    report = export_patched_model(model, adapter, src, tmp_path / "out", ExportOptions(verify_reload=False),
+                                  extra=extra)
+    assert report["export/tensors_replaced"] == len(layers) - 1
+    out = CheckpointReader(tmp_path / "out")
+    assert torch.equal(out.get(first), rows)
+    for layer in layers[1:]:
+        name = adapter.router_tensor_names(layer)[f"{layer.router_name}.weight"]
+        assert torch.equal(out.get(name), layer.router.weight.detach())

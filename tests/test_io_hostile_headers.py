@@ -283,7 +283,7 @@ def test_verification_rejects_shard_safe_open_cannot_open(tmp_path, monkeypatch)
 
     monkeypatch.setattr(writer_module, "write_shard", corrupting)
     out = tmp_path / "out"
-    with pytest.raises(CheckpointError, match=r"safe_open rejects model-patch-00001-of-00001\.safetensors.*X32"):
+    with pytest.raises(CheckpointError, match=r"safe_open rejects model-00004-of-00004\.safetensors.*X32"):
         write_patched_checkpoint(ckpt, out, Patch(add={"x": torch.ones(4)}))
     assert not out.exists() and not leftovers(tmp_path)
 

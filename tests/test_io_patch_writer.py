@@ -89,14 +89,37 @@ def test_reflink_branch_writes_only_changed_bytes(source, tmp_path, monkeypatch)
     assert torch.equal(r.get(R1), patch.replace[R1])
 
 
-def test_add_goes_to_patch_shards_split_by_size(source, tmp_path):
+def series(n: int) -> list[str]:
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def test_added_tensors_extend_one_shard_series(source, tmp_path):
+    """Reused shards and new ones form one HF series: 3 source shards + 2 new = model-0000i-of-00005."""
     add = {f"extra.{i}.weight": torch.full((100,), float(i)) for i in range(3)}  # 400 bytes each
-    report = write_patched_checkpoint(source, tmp_path / "out", Patch(add=add), max_shard_size=900)
-    new = ["model-patch-00001-of-00002.safetensors", "model-patch-00002-of-00002.safetensors"]
-    assert report.shards_written == new and sorted(report.shards_reused) == [S1, S2, S3]
-    r = CheckpointReader(tmp_path / "out")
-    assert [r.shard_of(f"extra.{i}.weight") for i in range(3)] == [new[0], new[0], new[1]]
+    out = tmp_path / "out"
+    report = write_patched_checkpoint(source, out, Patch(add=add), max_shard_size=900, link="hardlink")
+    names = series(5)
+    assert report.shards_written == names[3:] and report.shards_reused == names[:3]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == names
+    # reused shards are the source files (hard-linked here) under their new series names
+    for old, new in zip([S1, S2, S3], names[:3]):
+        assert os.stat(out / new).st_ino == os.stat(source / old).st_ino
+    r = CheckpointReader(out)
+    assert [r.shard_of(f"extra.{i}.weight") for i in range(3)] == [names[3], names[3], names[4]]
+    assert r.shard_of(R1) == names[1] and set(json.loads((out / "model.safetensors.index.json").read_text())
+                                              ["weight_map"].values()) == set(names)
     assert torch.equal(r.get("extra.2.weight"), add["extra.2.weight"]) and r.header("extra.0.weight").dtype == "F32"
+    assert any("named as one series" in n for n in report.notes)
+
+
+def test_fully_dropped_shard_leaves_no_gap_in_the_series(source, tmp_path):
+    """Dropping every tensor of the middle shard gives model-00001/00002-of-00002, not a hole at 2 of 3."""
+    drop = set(tiny_moe_tensors()[S2])
+    report = write_patched_checkpoint(source, tmp_path / "out", Patch(drop=drop))
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == series(2)
+    r = CheckpointReader(tmp_path / "out")
+    assert r.shard_of("lm_head.weight") == series(2)[1] and not any(n in r for n in drop)
+    assert any(f"{S2}: every tensor dropped" in n for n in report.notes)
 
 
 def test_drop_trims_the_shard(source, tmp_path):
@@ -245,7 +268,7 @@ def test_verification_catches_truncated_new_shard(source, tmp_path, monkeypatch)
         return n
 
     monkeypatch.setattr(writer_module, "write_shard", truncating)
-    with pytest.raises(CheckpointError, match="model-patch-00001-of-00001.safetensors"):
+    with pytest.raises(CheckpointError, match="model-00004-of-00004.safetensors"):
         write_patched_checkpoint(source, tmp_path / "out", Patch(add={"x": torch.ones(4)}))
     assert not (tmp_path / "out").exists()
 
@@ -258,8 +281,9 @@ def test_single_file_source_gets_an_index(tmp_path):
     save_file({"a": torch.ones(3), "b": torch.zeros(2)}, str(src / "model.safetensors"))
     write_patched_checkpoint(src, tmp_path / "out", Patch(replace={"a": torch.full((3,), 2.0)}))
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
-    assert index == {"metadata": {"total_size": 20}, "weight_map": {"a": "model.safetensors",
-                                                                    "b": "model.safetensors"}}
+    only = "model-00001-of-00001.safetensors"  # the same series naming as every other export
+    assert index == {"metadata": {"total_size": 20}, "weight_map": {"a": only, "b": only}}
+    assert [p.name for p in (tmp_path / "out").glob("*.safetensors")] == [only]
     assert torch.equal(CheckpointReader(tmp_path / "out").get("a"), torch.full((3,), 2.0))
 
 
@@ -304,12 +328,14 @@ def test_patched_qwen3_moe_loads_in_transformers(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
-def test_patch_of_a_patch_uses_a_fresh_shard_prefix(source, tmp_path):
+def test_patch_of_a_patch_stays_one_series(source, tmp_path):
     write_patched_checkpoint(source, tmp_path / "p1", Patch(add={"x": torch.ones(2)}))
     report = write_patched_checkpoint(tmp_path / "p1", tmp_path / "p2", Patch(add={"y": torch.zeros(2)}))
-    assert report.shards_written == ["model-patch2-00001-of-00001.safetensors"]
+    assert report.shards_written == ["model-00005-of-00005.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "p2").glob("*.safetensors")) == series(5)
     r = CheckpointReader(tmp_path / "p2")
-    assert r.shard_of("x") == "model-patch-00001-of-00001.safetensors" and torch.equal(r.get("y"), torch.zeros(2))
+    assert r.shard_of("x") == "model-00004-of-00005.safetensors" and torch.equal(r.get("y"), torch.zeros(2))
+    assert torch.equal(r.get("x"), torch.ones(2)) and torch.equal(r.get(R0), tiny_moe_tensors()[S1][R0])
 
 
 def test_parse_size():
@@ -338,7 +364,8 @@ def test_output_directory_has_ordinary_permissions(tmp_path):
 
 
 def test_single_file_source_with_added_tensors_loads_every_tensor(tmp_path):
-    """transformers reads model.safetensors before any index: beside patch shards it must be renamed."""
+    """transformers reads model.safetensors before any index: beside new shards it must be renamed (into the
+    series, like every export)."""
     import torch
     from safetensors.torch import save_file
 
@@ -353,6 +380,5 @@ def test_single_file_source_with_added_tensors_loads_every_tensor(tmp_path):
     reader = CheckpointReader(out)
     assert sorted(reader.tensor_names()) == ["a", "b", "c"]
     assert torch.equal(reader.get("c"), torch.full((4,), 2.0)) and torch.equal(reader.get("a"), torch.ones(3))
-    # without added tensors the single file keeps its name (and is reused as is)
-    write_patched_checkpoint(src, tmp_path / "out2", Patch(replace={"a": torch.full((3,), 5.0)}))
-    assert (tmp_path / "out2" / "model.safetensors").is_file()
+    assert sorted(p.name for p in out.glob("*.safetensors")) == series(2)
+    assert reader.shard_of("a") == series(2)[0] and reader.shard_of("c") == series(2)[1]

@@ -9,10 +9,10 @@ from transformers import AutoModelForCausalLM
 
 from moesurgeon.arch import get_adapter
 from moesurgeon.export import ExportOptions, export_patched_model
-from moesurgeon.io import CheckpointReader
+from moesurgeon.io import CheckpointError, CheckpointReader
 from moesurgeon.routers import ExpertMaskRouter, RouterConfigError, StaticBiasRouter, substitute_routers
 from moesurgeon.surgery import check_bias_export, export_pruned, plan_prune, write_static_bias
-from moesurgeon.surgery.prune_experts import read_config
+from moesurgeon.surgery.prune_experts import prune_checkpoint, read_config
 
 IDS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
 
@@ -112,3 +112,139 @@ def test_static_bias_refused_without_family_tensor(tiny_checkpoint):
     adapter = get_adapter(model)
     with pytest.raises(RouterConfigError, match=r"qwen3_moe routers have no `bias` tensor.*export.mode=distill"):
         check_bias_export(adapter, adapter.moe_layers(model), "logits")
+
+
+# -- prune_checkpoint: config.json and shard headers only, no model loaded ------------------------------------
+
+
+def _series(out) -> list[str]:
+    names = sorted(p.name for p in out.glob("*.safetensors"))
+    return names if names == [f"model-{i:05d}-of-{len(names):05d}.safetensors" for i in range(1, len(names) + 1)] \
+        else pytest.fail(f"shards not one series: {names}")
+
+
+def _masked_logits(src, removed):
+    model = _load(src)
+    adapter = get_adapter(model)
+    with substitute_routers(model, adapter, lambda layer: ExpertMaskRouter(layer, adapter, experts=removed)), \
+            torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"])
+def test_prune_checkpoint_equals_masked_model(tiny_checkpoint, tmp_path, family):
+    src = tiny_checkpoint(family)
+    config = read_config(src)
+    adapter = get_adapter(config)
+    removed = {i: [1, 6] if i % 2 else [0, 5] for i in adapter.moe_layer_indices(config)}
+    report = prune_checkpoint(src, tmp_path / "pruned", adapter, config, removed)
+    assert "exact: True" in report.notes[-1]
+    _series(tmp_path / "pruned")
+    with torch.no_grad():
+        got = _load(tmp_path / "pruned")(input_ids=IDS).logits
+    assert (got - _masked_logits(src, removed)).abs().max() < 1e-5
+    out_cfg = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert {out_cfg[k] for k in adapter.num_experts_keys if config.get(k) is not None} == {6}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_prune_fused_layout(tiny_checkpoint, tmp_path, family):
+    """A transformers-5 fused save (`save_original_format=False`: fused experts, in-memory block names, one file)
+    prunes by slicing dim 0, with and without a loaded model, and the two exports agree."""
+    from tiny_models import tiny_model
+
+    src = tmp_path / "fused"
+    tiny_model(family).save_pretrained(src, save_original_format=False)
+    config = read_config(src)
+    adapter = get_adapter(config)
+    removed = {i: [2, 7] for i in adapter.moe_layer_indices(config)}
+    prune_checkpoint(src, tmp_path / "disk", adapter, config, removed)
+    model = _load(src)
+    with substitute_routers(model, adapter, lambda layer: ExpertMaskRouter(layer, adapter, experts=removed)):
+        metrics = export_pruned(model, adapter, src, tmp_path / "loaded", ExportOptions(), removed, IDS)
+    assert metrics["export/max_abs_logit_diff"] < 1e-5
+    disk, loaded = CheckpointReader(tmp_path / "disk"), CheckpointReader(tmp_path / "loaded")
+    assert set(disk.tensor_names()) == set(loaded.tensor_names())
+    assert all(torch.equal(disk.get(n), loaded.get(n)) for n in disk.tensor_names())
+    fused = next(n for n in disk.tensor_names() if n.endswith("experts.gate_up_proj"))
+    # the single source file, trimmed, then the new shard of sliced tensors: one series, no model.safetensors left
+    assert disk.header(fused).shape[0] == 6 and len(_series(tmp_path / "disk")) == 2
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_values_replace_disk_content_before_slice_and_rename(tiny_checkpoint, tmp_path, family):
+    """values= (source numbering): a kept expert that keeps its index (2), one that is renumbered (6 -> 4) and
+    the router rows land in their new slots; the rest is the source's."""
+    src = tiny_checkpoint(family)
+    config = read_config(src)
+    adapter = get_adapter(config)
+    layers = adapter.moe_layer_indices(config)
+    L = layers[0]
+    removed = {i: [4, 5] for i in layers}
+    reader = CheckpointReader(src)
+    block = adapter.disk_block_prefix(L)
+    router = f"{block}.{adapter.router_attr}.weight"
+    values = {router: reader.get(router).clone()}
+    values[router][6] = 0.5
+    if adapter.expert_disk_suffixes is None:  # fused: one tensor, rows in source numbering
+        fused = f"{block}.experts.gate_up_proj"
+        values[fused] = reader.get(fused).clone()
+        values[fused][2], values[fused][6] = 0.25, -0.25
+    else:
+        for e, fill in ((2, 0.25), (6, -0.25)):
+            for n in adapter.expert_tensor_names(config, L, e):
+                values[n] = torch.full_like(reader.get(n), fill)
+    prune_checkpoint(src, tmp_path / "out", adapter, config, removed, values=values)
+    out = CheckpointReader(tmp_path / "out")
+    keep = [0, 1, 2, 3, 6, 7]
+    assert torch.equal(out.get(router), values[router][keep]) and bool((out.get(router)[4] == 0.5).all())
+    if adapter.expert_disk_suffixes is None:
+        assert torch.equal(out.get(fused), values[fused][keep])
+    else:
+        for new, fill in ((2, 0.25), (4, -0.25)):
+            assert all(bool((out.get(n) == fill).all()) for n in adapter.expert_tensor_names(config, L, new))
+        src_name = adapter.expert_tensor_names(config, L, 7)[0]
+        assert torch.equal(out.get(adapter.expert_tensor_names(config, L, 5)[0]), reader.get(src_name))
+    other = f"{adapter.disk_block_prefix(layers[1])}.{adapter.router_attr}.weight"
+    assert torch.equal(out.get(other), reader.get(other)[keep])
+
+
+def test_prune_checkpoint_bad_input_writes_nothing(tiny_checkpoint, tmp_path):
+    src = tiny_checkpoint("qwen3_moe")
+    config = read_config(src)
+    adapter = get_adapter(config)
+    layers = adapter.moe_layer_indices(config)
+    removed = {i: [4, 5] for i in layers}
+    reader = CheckpointReader(src)
+    w = adapter.expert_tensor_names(config, layers[0], 2)[0]
+    out = tmp_path / "out"
+    cases = [
+        ({"values": {"model.nope.weight": torch.zeros(2)}}, removed, "values\\['model.nope.weight'\\]: the checkpoint has "
+                                                                    "no such tensor"),
+        ({"values": {w: reader.get(w).double()}}, removed, r"is F64 \[.*but the checkpoint stores F32"),
+        ({"values": {w: reader.get(w)[:1]}}, removed, "give the full tensor in source numbering"),
+        ({"values": {adapter.expert_tensor_names(config, layers[0], 4)[0]: reader.get(w)}}, removed,
+         "expert 4 of layer 0 is removed by this prune"),
+        ({}, {**removed, 1: [0, 1]}, r"names layers \[1\], which are not MoE layers"),
+        ({}, {i: [4, 8] for i in layers}, r"experts \[8\] out of range 0..7"),
+        ({}, {i: [4, 4] for i in layers}, "repeated experts"),
+    ]
+    for kwargs, mask, message in cases:
+        with pytest.raises((ValueError,), match=message):
+            prune_checkpoint(src, out, adapter, config, mask, **kwargs)
+        assert not out.exists()
+    out.mkdir()
+    with pytest.raises(CheckpointError, match="already exists"):
+        prune_checkpoint(src, out, adapter, config, removed)
+
+
+def test_prune_checkpoint_inexact_groups(tiny_checkpoint, tmp_path):
+    src = tiny_checkpoint("deepseek_v3", topk_group=1)
+    config = read_config(src)
+    adapter = get_adapter(config)
+    uneven = {i: [0, 1] for i in adapter.moe_layer_indices(config)}
+    with pytest.raises(RouterConfigError, match="not exact for deepseek_v3.*allow_inexact=True"):
+        prune_checkpoint(src, tmp_path / "x", adapter, config, uneven)
+    assert not (tmp_path / "x").exists()
+    report = prune_checkpoint(src, tmp_path / "x", adapter, config, uneven, allow_inexact=True)
+    assert "exact: False" in report.notes[-1] and "unevenly" in report.notes[-1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,11 +48,18 @@ def _module_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
     return getattr(model.get_submodule(owner), leaf)
 
 
-def router_replacements(model, adapter: ArchAdapter, reader: CheckpointReader) -> dict[str, torch.Tensor]:
-    """{on-disk name: tensor in the on-disk dtype} for every router tensor that differs from the source."""
+def router_replacements(model, adapter: ArchAdapter, reader: CheckpointReader,
+                        skip: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """{on-disk name: tensor in the on-disk dtype} for every router tensor that differs from the source.
+
+    skip: on-disk names another patch decides (neither compared nor rounded in memory)."""
     out = {}
     for layer in adapter.moe_layers(model):
         for mem_name, disk_name in adapter.router_tensor_names(layer).items():
+            if disk_name not in reader and mem_name in reader:
+                disk_name = mem_name  # a fused transformers-5 save keeps in-memory names (mixtral `mlp`)
+            if disk_name in skip:
+                continue
             if disk_name not in reader:
                 raise CheckpointError(
                     f"router tensor {mem_name} should be stored as {disk_name!r}, which the source checkpoint "
@@ -128,11 +136,16 @@ def export_patched_model(
     probe_input_ids: torch.Tensor | None = None,
     extra: Patch | None = None,
 ) -> dict:
-    """Write model's changed router tensors (+ config edits, + `extra`) as a checkpoint at out_dir."""
+    """Write model's changed router tensors (+ config edits, + `extra`) as a checkpoint at out_dir.
+
+    `extra` is authoritative for every tensor it names: a router tensor it drops, adds or replaces (a prune's
+    sliced router rows, a merge's new rows) gets no replacement from the in-memory model, whose routers are
+    then in the source numbering and need not match what `extra` writes."""
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     check_not_nested(source_dir, out_dir)
+    decided = set(extra.drop) | set(extra.add) | set(extra.replace) if extra is not None else set()
     with CheckpointReader(source_dir, allow_pickle=opts.allow_pickle) as reader:
-        replace = router_replacements(model, adapter, reader)
+        replace = router_replacements(model, adapter, reader, skip=decided)
         size = _checkpoint_bytes(reader) if reader.format != "pickle" else 0
     patch = Patch(replace=replace, config_edits=dict(config_edits or {}))
     if extra is not None:

@@ -8,14 +8,29 @@ Design: what happens to a shard, mode="reuse" (the default)
 - untouched shard -> reflink, read-only hard link or copy (see `link` below).
 - shard with REPLACED tensors only -> a copy of the shard in which just those
   tensors' bytes are overwritten. Replacements must keep dtype and shape, so
-  the header and every offset stay identical and the index is unchanged. On a
+  the header and every offset stay identical. On a
   copy-on-write filesystem (btrfs, XFS reflink, bcachefs) the copy is a
   reflink and only the new tensor bytes are written; elsewhere (ext4, most
   network filesystems) the whole shard is copied (kernel-side copy_file_range).
 - shard with DROPPED tensors -> rewritten without them (raw byte ranges copied
   from the source, replacements written inline, memory flat).
-- ADDED tensors -> new `model-patch-0000i-of-0000K.safetensors` shard(s),
-  split at max_shard_size.
+- ADDED tensors -> new shard(s) after the reused ones, split at max_shard_size.
+
+Values (`replace` / `add`) are in-memory tensors or `SourceBytes` (lazy_sources.py):
+byte ranges of a safetensors file, e.g. a renamed expert (one range) or the kept
+rows of a router (one range per run of kept rows). Those are copied kernel-side
+and compared chunk by chunk, never loaded: a prune holds one chunk, not the model.
+Each carries its file's identity (size, mtime, inode) from when its offsets were
+read; a file changed since, or while it is read, fails the export.
+
+Names: every output weight file is one HF series, `model-0000i-of-0000N.safetensors`
+(N = kept source shards + new shards), in both modes and for a single-file source
+too. Reused shards keep their place in the order and are linked / copied under
+their series name; the index maps to those names. Earlier versions kept the
+source names and put added tensors in `model-patch-*` shards beside them, so a
+prune gave `model-00001-of-00002` next to `model-patch-00001-of-00001`: loaders
+coped (they follow the index), people and tools that count shards by name did
+not. A source already named as such a series keeps its names when N is unchanged.
 
 Rejected alternative: keep every source shard as a hard link and put the
 replacement in the patch shard, with the index pointing there. Output would
@@ -33,9 +48,8 @@ patches of real MoE models the routers sit in every shard, so on ext4 this is
 about one full copy, while on a reflink filesystem it is the router bytes
 (see experiments/patch_io/README.md for measured figures).
 
-mode="full" rewrites everything at max_shard_size with HF names
-(`model-0000i-of-0000N.safetensors`), streaming raw byte ranges one source file
-at a time; pickle sources are always written this way (nothing to reuse).
+mode="full" rewrites everything at max_shard_size, streaming raw byte ranges one
+source file at a time; pickle sources are always written this way (nothing to reuse).
 
 Reusing untouched shards (`link`, see file_copy.py): "auto" (default) reflinks
 where the filesystem can (free, independent files); else hard-links a source
@@ -61,10 +75,11 @@ from .atomic_dir import atomic_output_dir, check_output_location
 from .checkpoint_reader import SAFETENSORS_INDEX, CheckpointReader
 from .errors import CheckpointError
 from .file_copy import link_or_copy
+from .lazy_sources import PatchValue, SourceBytes, tensor_source, value_nbytes, value_spec
 from .output_verifier import Layout, verify_output
-from .safetensors_format import dtype_name, element_bits, expected_nbytes
+from .safetensors_format import element_bits, expected_nbytes
 from .shard_layout import parse_size, shard_names, split_greedy, write_index
-from .shard_writer import OutTensor, RawBytes, clone_with_overwrites, write_shard
+from .shard_writer import OutTensor, clone_with_overwrites, write_shard
 from .sidecar_files import copy_sidecar_files, write_config
 
 
@@ -72,8 +87,9 @@ from .sidecar_files import copy_sidecar_files, write_config
 class Patch:
     """What to change. Names are the on-disk tensor names (as in the index's weight_map)."""
 
-    replace: dict[str, torch.Tensor] = field(default_factory=dict)  # same dtype and shape as on disk
-    add: dict[str, torch.Tensor] = field(default_factory=dict)  # new names, stored in their own dtype
+    # values: torch.Tensor or SourceBytes (byte ranges of a safetensors file, read only while writing)
+    replace: dict[str, PatchValue] = field(default_factory=dict)  # same dtype and shape as on disk
+    add: dict[str, PatchValue] = field(default_factory=dict)  # new names, stored in their own dtype
     drop: set[str] = field(default_factory=set)  # must exist
     config_edits: dict[str, Any] = field(default_factory=dict)  # merged into config.json (nested dicts merge)
     metadata: dict[str, str] | None = None  # into the index metadata and the new shards' __metadata__
@@ -138,17 +154,24 @@ def write_patched_checkpoint(
         if reader.format == "pickle" and mode == "reuse":
             report.mode = "full"
             report.notes.append("pickle source: nothing can be reused, all tensors written as safetensors")
-        report.bytes_changed_tensors = sum(_nbytes(t) for t in [*patch.replace.values(), *patch.add.values()])
+        report.bytes_changed_tensors = sum(value_nbytes(t) for t in [*patch.replace.values(), *patch.add.values()])
         shard_meta = {"format": "pt", **(patch.metadata or {})}
         with atomic_output_dir(out_dir, overwrite=overwrite, fsync=fsync) as tmp:
             if report.mode == "reuse":
-                layout, weight_map = _write_reuse(reader, patch, tmp, link, fsync, report)
-                prefix = _free_prefix(reader.shards())
+                groups = _groups(_added_items(patch), max_bytes)
+                kept = _kept_shards(reader, patch, report)
+                names = shard_names(len(kept) + len(groups))  # one series: reused shards first, then the new
+                renamed = [f"{s} -> {n}" for s, n in zip(kept, names) if s != n]
+                if renamed:
+                    report.notes.append(f"reused shards named as one series of {len(names)}: {', '.join(renamed[:3])}"
+                                        f"{' ...' if len(renamed) > 3 else ''}")
+                layout, weight_map = _write_reuse(reader, patch, dict(zip(kept, names)), tmp, link, fsync, report)
+                new_names = names[len(kept):]
             else:
                 layout, weight_map = {}, {}
-                prefix = "model"
-            _write_new_shards(_full_items(reader, patch) if report.mode == "full" else _added_items(patch),
-                              tmp, prefix, max_bytes, shard_meta, fsync, report, layout, weight_map)
+                groups = _groups(_full_items(reader, patch), max_bytes)
+                new_names = shard_names(len(groups))
+            _write_new_shards(groups, new_names, tmp, shard_meta, fsync, report, layout, weight_map)
             metadata = {**reader.index_metadata, **(patch.metadata or {})}
             _set_totals(metadata, layout, weight_map)
             report.bytes_written_other += write_index(tmp / SAFETENSORS_INDEX, weight_map, metadata)
@@ -164,16 +187,13 @@ def write_patched_checkpoint(
     return report
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def _check_patch(reader: CheckpointReader, patch: Patch) -> None:
     """Reject an inconsistent patch before anything is written."""
     for kind, tensors in (("replace", patch.replace), ("add", patch.add)):
         for name, t in tensors.items():
-            if not isinstance(t, torch.Tensor):
-                raise CheckpointError(f"patch.{kind}[{name!r}] is a {type(t).__name__}, expected a torch.Tensor")
+            if not isinstance(t, (torch.Tensor, SourceBytes)):
+                raise CheckpointError(f"patch.{kind}[{name!r}] is a {type(t).__name__}, expected a torch.Tensor or "
+                                      "an io.SourceBytes")
     both = sorted(set(patch.replace) & set(patch.drop))
     if both:
         raise CheckpointError(f"tensor {both[0]!r} is both replaced and dropped; keep one of the two")
@@ -185,32 +205,40 @@ def _check_patch(reader: CheckpointReader, patch: Patch) -> None:
         if name not in reader:
             raise CheckpointError(f"cannot replace {name!r}: the checkpoint has no such tensor; use patch.add "
                                   "for new tensors (names must be the on-disk names of the weight_map)")
-        info, got = reader.header(name), dtype_name(t.dtype)
-        if (got, tuple(t.shape)) != (info.dtype, info.shape):
+        info, (got, shape) = reader.header(name), value_spec(t)
+        if (got, shape) != (info.dtype, info.shape):
             raise CheckpointError(
-                f"replacement for {name!r} is {got} {list(t.shape)} but the checkpoint stores {info.dtype} "
+                f"replacement for {name!r} is {got} {list(shape)} but the checkpoint stores {info.dtype} "
                 f"{list(info.shape)}; cast/reshape it before patching (on-disk dtypes and shapes are kept; "
                 "to change a shape, drop the tensor and add it)")
     for name, t in patch.add.items():
         if name in reader and name not in patch.drop:
             raise CheckpointError(f"cannot add {name!r}: the checkpoint already has it; use patch.replace")
-        dtype_name(t.dtype)  # raises for dtypes safetensors cannot store
+        value_spec(t)  # raises for dtypes safetensors cannot store
     if not isinstance(patch.config_edits, dict):
         raise CheckpointError(f"patch.config_edits must be a dict, got {type(patch.config_edits).__name__}")
     if patch.metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in patch.metadata.items()):
         raise CheckpointError("patch.metadata must map str to str (safetensors __metadata__ holds strings only)")
 
 
-def _write_reuse(reader: CheckpointReader, patch: Patch, tmp: Path, link: str, fsync: bool,
-                 report: WriteReport) -> tuple[Layout, dict[str, str]]:
+def _kept_shards(reader: CheckpointReader, patch: Patch, report: WriteReport) -> list[str]:
+    """Source shards that keep at least one indexed tensor, in order (the others are left out, with a note)."""
+    kept = []
+    for shard in reader.shards():
+        if all(n in patch.drop for n in reader.names_in_shard(shard)):
+            report.notes.append(f"{shard}: every tensor dropped, shard omitted")
+        else:
+            kept.append(shard)
+    return kept
+
+
+def _write_reuse(reader: CheckpointReader, patch: Patch, out_names: dict[str, str], tmp: Path, link: str,
+                 fsync: bool, report: WriteReport) -> tuple[Layout, dict[str, str]]:
+    """Reuse, patch or trim each kept source shard into tmp under its series name (`out_names`)."""
     layout: Layout = {}
     weight_map: dict[str, str] = {}
-    # A single-file source keeps its name only when it stays the only weight file: loaders read
-    # `model.safetensors` before any index, so beside patch shards it would hide their tensors.
-    rename_single = reader.index_file is None and bool(patch.add)
-    for shard in reader.shards():
+    for shard, out_shard in out_names.items():
         header = reader.shard_header(shard)
-        out_shard = "model-base.safetensors" if rename_single and shard == "model.safetensors" else shard
         # the checked real file, never the link (a hub snapshot link, or one swapped after the reader's check)
         src, dst = str(reader.shard_real_path(shard)), str(tmp / out_shard)
         indexed = reader.names_in_shard(shard)  # the keys the index points at in this shard, storage order
@@ -221,9 +249,6 @@ def _write_reuse(reader: CheckpointReader, patch: Patch, tmp: Path, link: str, f
         replaced = [n for n in indexed if n in patch.replace]
         dropped = [n for n in indexed if n in patch.drop]
         kept = [n for n in indexed if n not in patch.drop]
-        if not kept:
-            report.notes.append(f"{shard}: every tensor dropped, shard omitted")
-            continue
         if orphans:
             report.notes.append(f"{shard}: {len(orphans)} tensors the index does not map to this shard "
                                 f"(e.g. {orphans[0]!r}) left out; {out_shard} was rewritten without them")
@@ -238,10 +263,9 @@ def _write_reuse(reader: CheckpointReader, patch: Patch, tmp: Path, link: str, f
                 overwrites = [(header.entries[n].begin, patch.replace[n]) for n in replaced]
                 method, written = clone_with_overwrites(src, dst, overwrites, fsync=fsync)
             else:
-                entries = [header.entries[n] for n in kept]
-                out = [OutTensor(e.name, e.dtype, e.shape, e.nbytes,
-                                 patch.replace[e.name] if e.name in patch.replace else RawBytes(src, e.begin, e.end))
-                       for e in entries]
+                out = [OutTensor(n, *_planned(reader, patch, n), header.entries[n].nbytes,
+                                 patch.replace[n] if n in patch.replace else tensor_source(reader, n))
+                       for n in kept]
                 method, written = "trimmed", write_shard(dst, out, header.metadata, fsync=fsync)
             report.bytes_written_tensors += written
         report.reuse_method[out_shard] = method
@@ -255,46 +279,35 @@ def _write_reuse(reader: CheckpointReader, patch: Patch, tmp: Path, link: str, f
 def _planned(reader: CheckpointReader, patch: Patch, name: str) -> tuple[str, tuple[int, ...]]:
     """(dtype, shape) a kept tensor must have in the output: the patch value's, else the source index's."""
     if name in patch.replace:
-        t = patch.replace[name]
-        return dtype_name(t.dtype), tuple(t.shape)
+        return value_spec(patch.replace[name])
     info = reader.header(name)
     return info.dtype, info.shape
 
 
-def _free_prefix(existing: list[str]) -> str:
-    """'model-patch', or 'model-patch2', ... when the source already holds such shards (a patch of a patch)."""
-    k = 1
-    while any(s.startswith(f"model-patch{k if k > 1 else ''}-") for s in existing):
-        k += 1
-    return f"model-patch{k if k > 1 else ''}"
-
-
 def _added_items(patch: Patch) -> list[OutTensor]:
-    return [OutTensor(n, dtype_name(t.dtype), tuple(t.shape), _nbytes(t), t) for n, t in patch.add.items()]
+    return [OutTensor(n, *value_spec(t), value_nbytes(t), t) for n, t in patch.add.items()]
 
 
 def _full_items(reader: CheckpointReader, patch: Patch) -> list[OutTensor]:
-    """Every kept tensor in source storage order, then the added ones. Sources are byte ranges, not loads."""
+    """Every kept tensor in source storage order, then the added ones. Sources are byte ranges, not loads
+    (a pickle source's are its mmap-backed tensors)."""
     items = []
-    for shard in reader.shards():
-        for name in reader.names_in_shard(shard):
-            if name in patch.drop:
-                continue
-            info = reader.header(name)
-            if name in patch.replace:
-                source: RawBytes | torch.Tensor = patch.replace[name]
-            elif reader.format == "pickle":
-                source = reader.get(name)  # mmap-backed
-            else:
-                source = RawBytes(str(reader.shard_path(shard)), info.begin, info.end)
-            items.append(OutTensor(name, info.dtype, info.shape, info.nbytes, source))
+    for name in reader.tensor_names():
+        if name in patch.drop:
+            continue
+        info = reader.header(name)
+        source = patch.replace[name] if name in patch.replace else tensor_source(reader, name)
+        items.append(OutTensor(name, info.dtype, info.shape, info.nbytes, source))
     return items + _added_items(patch)
 
 
-def _write_new_shards(items: list[OutTensor], tmp: Path, prefix: str, max_bytes: int, metadata: dict[str, str],
+def _groups(items: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
+    return split_greedy(items, [t.nbytes for t in items], max_bytes)
+
+
+def _write_new_shards(groups: list[list[OutTensor]], names: list[str], tmp: Path, metadata: dict[str, str],
                       fsync: bool, report: WriteReport, layout: Layout, weight_map: dict[str, str]) -> None:
-    groups = split_greedy(items, [t.nbytes for t in items], max_bytes)
-    for file, group in zip(shard_names(len(groups), prefix), groups, strict=True):
+    for file, group in zip(names, groups, strict=True):
         report.bytes_written_tensors += write_shard(str(tmp / file), group, metadata, fsync=fsync)
         report.shards_written.append(file)
         report.reuse_method[file] = "new"

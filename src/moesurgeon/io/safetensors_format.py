@@ -127,6 +127,9 @@ class ShardHeader:
     file_size: int
     metadata: dict[str, str] | None
     entries: dict[str, TensorEntry] = field(repr=False)  # in data (offset) order
+    # (size, mtime_ns, inode) of the file whose header this is: a writer reading tensor bytes later
+    # checks it, so a file changed in between is an error instead of a mixed tensor (lazy_sources.py)
+    identity: tuple[int, int, int] | None = field(default=None, compare=False)
 
 
 def _corrupt(path: str, what: str) -> CheckpointError:
@@ -183,10 +186,12 @@ def read_header(path: str | os.PathLike, *, label: str | None = None) -> ShardHe
     """
     real_path = os.fspath(path)
     path = label or real_path  # from here on `path` is what messages say; reads use real_path
-    file_size = os.path.getsize(real_path)
-    if file_size < 8:
-        raise _corrupt(path, f"file is {file_size} bytes, too short for the 8-byte header length")
-    with open(real_path, "rb") as f:
+    # O_NONBLOCK: a FIFO must not hang the open (it then fails as too short); no effect on regular files
+    with open(os.open(real_path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        st = os.fstat(f.fileno())  # the opened file's: a file swapped after a stat cannot lend its size
+        file_size, identity = st.st_size, (st.st_size, st.st_mtime_ns, st.st_ino)
+        if file_size < 8:
+            raise _corrupt(path, f"file is {file_size} bytes, too short for the 8-byte header length")
         (header_len,) = struct.unpack("<Q", f.read(8))
         if header_len > file_size - 8 or header_len > MAX_HEADER_BYTES:
             raise _corrupt(path, f"header length prefix says {header_len} bytes but only {file_size - 8} follow")
@@ -215,7 +220,7 @@ def read_header(path: str | os.PathLike, *, label: str | None = None) -> ShardHe
         raise _corrupt(path, f"tensor data runs to byte {cursor} but the file has {file_size} bytes")
     if cursor < file_size:
         raise _corrupt(path, f"{file_size - cursor} trailing bytes after the last tensor (data ends at {cursor})")
-    return ShardHeader(real_path, data_start, file_size, metadata, {e.name: e for e in entries})
+    return ShardHeader(real_path, data_start, file_size, metadata, {e.name: e for e in entries}, identity)
 
 
 def _check_metadata(path: str, metadata: object) -> dict[str, str] | None:

@@ -1,0 +1,192 @@
+"""Lazy byte-range patch values (io.SourceBytes): renames, row subsets, mixed with tensors, both modes,
+a source changed under us, and the memory bound (no tensor the size of the source is ever allocated)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_io import all_tensors, make_checkpoint, tiny_moe_tensors
+from safetensors.torch import save_file
+
+from moesurgeon.io import CheckpointError, CheckpointReader, Patch, SourceBytes, rows_source, tensor_source
+from moesurgeon.io import file_copy as file_copy_module
+from moesurgeon.io import lazy_sources
+from moesurgeon.io import write_patched_checkpoint
+
+R0 = "model.layers.0.mlp.gate.weight"  # bf16 [4, 8]
+EX = "model.layers.{}.mlp.experts.{}.down_proj.weight"  # bf16 [8, 6]
+SOURCE = all_tensors(tiny_moe_tensors())
+
+
+@pytest.fixture
+def src(tmp_path):
+    return make_checkpoint(tmp_path / "src")
+
+
+def reread(path: Path) -> dict[str, torch.Tensor]:
+    with CheckpointReader(path) as r:
+        return {n: r.get(n) for n in r.tensor_names()}
+
+
+@pytest.mark.parametrize("mode", ["reuse", "full"])
+def test_rename_is_one_range_and_copies_the_bytes(src, tmp_path, mode):
+    old, new = EX.format(1, 3), EX.format(1, 1)
+    with CheckpointReader(src) as r:
+        value = tensor_source(r, old)
+        patch = Patch(drop={old, new}, add={new: value})
+    assert isinstance(value, SourceBytes) and len(value.ranges) == 1 and value.nbytes == 8 * 6 * 2
+    report = write_patched_checkpoint(src, tmp_path / "out", patch, mode=mode)
+    got = reread(tmp_path / "out")
+    assert torch.equal(got[new], SOURCE[old]) and old not in got
+    assert set(got) == set(SOURCE) - {old}
+    assert all(torch.equal(got[n], SOURCE[n]) for n in got if n != new)
+    assert report.bytes_changed_tensors == value.nbytes
+
+
+@pytest.mark.parametrize("rows, runs", [([0], 1), ([3], 1), ([1, 2], 1), ([0, 2, 3], 2), ([3, 0], 2),
+                                        ([0, 1, 2, 3], 1)])
+@pytest.mark.parametrize("mode", ["reuse", "full"])
+def test_row_subset(src, tmp_path, rows, runs, mode):
+    """First, last, middle, non-contiguous and reordered dim-0 rows: one range per run of consecutive rows."""
+    name = EX.format(0, 2)  # [8, 6]: rows of 12 bytes
+    picked = [r * 2 for r in rows]  # rows 0, 2, 4, 6 of 8
+    with CheckpointReader(src) as r:
+        value = rows_source(r, name, picked)
+        router = rows_source(r, R0, rows)
+    assert len(router.ranges) == runs and router.shape == (len(rows), 8)
+    patch = Patch(drop={name, R0}, add={name: value, R0: router})
+    write_patched_checkpoint(src, tmp_path / "out", patch, mode=mode)
+    got = reread(tmp_path / "out")
+    assert torch.equal(got[name], SOURCE[name][picked]) and torch.equal(got[R0], SOURCE[R0][rows])
+    assert got[R0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("mode", ["reuse", "full"])
+def test_lazy_values_mixed_with_tensors(src, tmp_path, mode):
+    """A lazy replace in a shard that is only patched (reuse: the clone-and-overwrite path), a lazy add,
+    an in-memory replace and an in-memory add in one patch."""
+    router = torch.randn(4, 8, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    with CheckpointReader(src) as r:
+        patch = Patch(replace={EX.format(0, 0): tensor_source(r, EX.format(0, 3)), R0: router},
+                      add={"extra.rows": rows_source(r, "lm_head.weight", [15, 0]), "extra.ones": torch.ones(3)})
+    report = write_patched_checkpoint(src, tmp_path / "out", patch, mode=mode)
+    if mode == "reuse":
+        assert report.reuse_method["model-00001-of-00004.safetensors"] == "copy+patch"
+    got = reread(tmp_path / "out")
+    assert torch.equal(got[EX.format(0, 0)], SOURCE[EX.format(0, 3)]) and torch.equal(got[R0], router)
+    assert torch.equal(got["extra.rows"], SOURCE["lm_head.weight"][[15, 0]]) and got["extra.rows"].dtype == torch.float32
+    assert torch.equal(got["extra.ones"], torch.ones(3))
+    assert all(torch.equal(got[n], SOURCE[n]) for n in SOURCE if n not in (EX.format(0, 0), R0))
+
+
+def test_lazy_replace_must_match_the_stored_dtype_and_shape(src, tmp_path):
+    with CheckpointReader(src) as r:
+        rows = rows_source(r, R0, [0, 1])
+    with pytest.raises(CheckpointError, match=r"replacement for 'model\.layers\.0\.mlp\.gate\.weight' is BF16 \[2, 8\]"):
+        write_patched_checkpoint(src, tmp_path / "out", Patch(replace={R0: rows}))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_source_values(src):
+    shard = str(src / "model-00001-of-00003.safetensors")
+    with pytest.raises(CheckpointError, match=r"BF16 \[4, 8\] needs 64 bytes but the ranges cover 60"):
+        SourceBytes(shard, "BF16", (4, 8), ((100, 160),))
+    with pytest.raises(CheckpointError, match="dtype 'X16' is not a safetensors dtype"):
+        SourceBytes(shard, "X16", (4,), ((0, 8),))
+    with pytest.raises(CheckpointError, match="ranges end at byte"):
+        SourceBytes(shard, "U8", (8,), ((10**9, 10**9 + 8),))
+    with CheckpointReader(src) as r, pytest.raises(CheckpointError, match=r"rows \[4\] .* out of range: dim 0 has 4"):
+        rows_source(r, R0, [0, 4])
+
+
+def test_source_changed_after_planning_is_an_error(src, tmp_path):
+    old = EX.format(1, 3)
+    with CheckpointReader(src) as r:
+        patch = Patch(drop={old}, add={EX.format(1, 9): tensor_source(r, old)})
+    shard = src / "model-00002-of-00003.safetensors"
+    st = shard.stat()
+    with open(shard, "r+b") as f:  # same size, one byte flipped: only the mtime tells
+        f.seek(st.st_size - 1)
+        byte = f.read(1)
+        f.seek(st.st_size - 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00003\.safetensors changed since the export was planned"):
+        write_patched_checkpoint(src, tmp_path / "out", patch)
+    assert not (tmp_path / "out").exists()
+
+
+def test_source_written_while_being_read_is_an_error(src, tmp_path, monkeypatch):
+    old = EX.format(1, 3)
+    shard = src / "model-00002-of-00003.safetensors"
+    with CheckpointReader(src) as r:
+        patch = Patch(drop={old}, add={EX.format(1, 9): tensor_source(r, old)})
+    real = lazy_sources.copy_range
+
+    def copy_then_touch(*args):
+        real(*args)
+        os.utime(shard, ns=(0, 12345))  # someone writes the source mid-copy
+
+    monkeypatch.setattr(lazy_sources, "copy_range", copy_then_touch)
+    with pytest.raises(CheckpointError, match="changed since the export was planned"):
+        write_patched_checkpoint(src, tmp_path / "out", patch)
+    assert not (tmp_path / "out").exists()
+
+
+def test_verification_rereads_lazy_values(src, tmp_path, monkeypatch):
+    """A lazily written tensor whose output bytes differ from its source ranges is caught, nothing published."""
+    real = lazy_sources.copy_source
+
+    def corrupting(source, fd, offset):
+        n = real(source, fd, offset)
+        os.pwrite(fd, b"\x7f", offset + n - 1)
+        return n
+
+    monkeypatch.setattr("moesurgeon.io.shard_writer.copy_source", corrupting)
+    with CheckpointReader(src) as r:
+        patch = Patch(drop={R0}, add={R0: rows_source(r, R0, [0, 2])})
+    with pytest.raises(CheckpointError, match=r"verification.*bytes of tensor 'model\.layers\.0\.mlp\.gate\.weight'"):
+        write_patched_checkpoint(src, tmp_path / "out", patch)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_memory_stays_at_a_chunk(tmp_path, monkeypatch, kernel_copy):
+    """A 16 MiB tensor renamed and row-sliced: the writer (copy + verification) never holds more than a few
+    1 MiB chunks. The control at the end shows tracemalloc does see a whole-tensor read."""
+    big = torch.arange(2048 * 2048, dtype=torch.float32).reshape(2048, 2048)  # 16 MiB
+    src = tmp_path / "big"
+    src.mkdir()
+    save_file({"big": big, "small": torch.ones(4)}, str(src / "model.safetensors"))
+    del big
+    monkeypatch.setattr(lazy_sources, "CHUNK", 1 << 20)
+    monkeypatch.setattr(file_copy_module, "_READ_CHUNK", 1 << 20)
+    if not kernel_copy:  # the pread/pwrite fallback (e.g. across filesystems on old kernels)
+        def refuse(*args):
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    monkeypatch.setattr(CheckpointReader, "get", lambda self, name: pytest.fail(f"{name} was loaded"))
+    rows = [r for r in range(2048) if r % 3]  # non-contiguous: many ranges
+    with CheckpointReader(src) as r:
+        patch = Patch(drop={"big"}, add={"renamed": tensor_source(r, "big"), "rows": rows_source(r, "big", rows)})
+    tracemalloc.start()
+    try:
+        write_patched_checkpoint(src, tmp_path / "out", patch, mode="full")
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        with open(src / "model.safetensors", "rb") as f:  # control: a whole read is seen
+            whole = f.read()
+        _, control = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert control >= len(whole) >= 16 << 20
+    assert peak < 4 << 20, f"writer peaked at {peak / 2**20:.1f} MiB of Python memory"
+    monkeypatch.undo()
+    with CheckpointReader(tmp_path / "out") as r:
+        expected = torch.arange(2048 * 2048, dtype=torch.float32).reshape(2048, 2048)
+        assert torch.equal(r.get("renamed"), expected) and torch.equal(r.get("rows"), expected[rows])
