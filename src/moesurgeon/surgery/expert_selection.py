@@ -50,38 +50,39 @@ class PruneBudget:
         return self.num_experts - self.remove
 
 
-def _pinned(keep, layers: list[int], num_experts: int) -> dict[int, list[int]]:
+def _pinned(keep, layers: list[int], num_experts: int, setting: str) -> dict[int, list[int]]:
     if keep is None:
         return {i: [] for i in layers}
     if isinstance(keep, Mapping):
         unknown = [k for k in keep if int(k) not in layers]
         if unknown:
-            raise ConfigError(f"expert_prune.keep names layer {unknown[0]}, which is not an MoE layer; MoE layer "
+            raise ConfigError(f"{setting}.keep names layer {unknown[0]}, which is not an MoE layer; MoE layer "
                               f"indices are {layers}. Key it by those, or give one list for every layer")
         spec = {int(k): list(v) for k, v in keep.items()}
     elif isinstance(keep, Sequence) and not isinstance(keep, str):
         spec = {i: list(keep) for i in layers}
     else:
-        raise ConfigError(f"expert_prune.keep={keep!r}: expected a list of expert indices or {{layer: [indices]}}")
+        raise ConfigError(f"{setting}.keep={keep!r}: expected a list of expert indices or {{layer: [indices]}}")
     out = {}
     for i in layers:
         experts = sorted({int(e) for e in spec.get(i, [])})
         bad = [e for e in experts if not 0 <= e < num_experts]
         if bad:
-            raise ConfigError(f"expert_prune.keep: expert index {bad[0]} (layer {i}) is out of range; the model has "
+            raise ConfigError(f"{setting}.keep: expert index {bad[0]} (layer {i}) is out of range; the model has "
                               f"{num_experts} experts per layer, indices 0..{num_experts - 1}")
         out[i] = experts
     return out
 
 
-def plan_budget(adapter: ArchAdapter, config: dict, criterion: str, ratio: float, keep=None, seed: int = 0
-                ) -> PruneBudget:
-    """The removal budget from config.json alone; refuses what cannot be pruned or exported exactly."""
+def plan_budget(adapter: ArchAdapter, config: dict, criterion: str, ratio: float, keep=None, seed: int = 0, *,
+                setting: str = "expert_prune", verb: str = "removes") -> PruneBudget:
+    """The removal budget from config.json alone; refuses what cannot be pruned or exported exactly.
+    `setting` / `verb` name the experiment's settings in the messages (expert_merge: "merges")."""
     if criterion not in CRITERIA:
-        raise ConfigError(f"expert_prune.criterion={criterion!r}: expected one of {list(CRITERIA)}")
+        raise ConfigError(f"{setting}.criterion={criterion!r}: expected one of {list(CRITERIA)}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         shown = f"{ratio:g}" if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else repr(ratio)
-        raise ConfigError(f"expert_prune.ratio={shown}: expected a share of each layer's experts strictly between "
+        raise ConfigError(f"{setting}.ratio={shown}: expected a share of each layer's experts strictly between "
                           "0 and 1, e.g. 0.25")
     E = adapter.num_experts_from_config(config)
     top_k = int(adapter.config_value(config, adapter.top_k_key))
@@ -94,24 +95,24 @@ def plan_budget(adapter: ArchAdapter, config: dict, criterion: str, ratio: float
     per_group = round(ratio * size)
     where = f"{groups} groups of {size}" if groups > 1 else f"{E} experts per layer"
     if per_group == 0:
-        raise ConfigError(f"expert_prune.ratio={ratio:g} removes no expert ({where}); raise the ratio to at least "
+        raise ConfigError(f"{setting}.ratio={ratio:g} {verb} no expert ({where}); raise the ratio to at least "
                           f"{0.5 / size:.3g}")
     left = size - per_group
     if groups > 1 and left < 2:
-        raise ConfigError(f"expert_prune.ratio={ratio:g} leaves {left} expert(s) in each of {groups} groups; "
+        raise ConfigError(f"{setting}.ratio={ratio:g} leaves {left} expert(s) in each of {groups} groups; "
                           "group-limited routing scores a group by its best two experts: keep at least 2 per group")
     if kept_groups * left < top_k:
         reach = f"the {kept_groups} group(s) a token may use hold {kept_groups * left}" if groups > 1 else \
             f"{left} remain"
-        raise ConfigError(f"expert_prune.ratio={ratio:g} leaves too few experts for top-k={top_k}: {reach}. "
+        raise ConfigError(f"{setting}.ratio={ratio:g} leaves too few experts for top-k={top_k}: {reach}. "
                           "Lower the ratio (or lower top-k first with experiment=topk_override)")
-    pinned = _pinned(keep, layers, E)
+    pinned = _pinned(keep, layers, E, setting)
     for i, experts in pinned.items():
         for g in range(groups):
             n = sum(1 for e in experts if e // size == g)
             if n > left:
                 part = f"group {g} (experts {g * size}..{g * size + size - 1})" if groups > 1 else "the layer"
-                raise ConfigError(f"expert_prune.keep pins {n} experts of {part} in layer {i}, but only {left} are "
+                raise ConfigError(f"{setting}.keep pins {n} experts of {part} in layer {i}, but only {left} are "
                                   f"kept there at ratio={ratio:g}; pin fewer or lower the ratio")
     return PruneBudget(criterion, E, groups, per_group, list(layers), pinned, seed)
 
