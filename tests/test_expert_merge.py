@@ -1,6 +1,8 @@
 """experiment=expert_merge: clustering (known answers), merge arithmetic, exact exports of tiny checkpoints, bad input."""
 
 import json
+import weakref
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -278,6 +280,72 @@ def test_expert_merge_memory_equals_export_bit_for_bit(tmp_path, family, dtype, 
     # logits: equal up to float reassociation (a softmax over E' experts instead of E with some at -inf)
     with torch.no_grad():
         assert float((reloaded(input_ids=ids).logits - expected).abs().max()) <= 1e-5
+
+
+
+@pytest.mark.parametrize("family,dtype", [
+    ("qwen3_moe", torch.bfloat16),   # per-expert tensors on disk: renamed / replaced computed values
+    ("gpt_oss", torch.float32),      # fused [E, ...] on disk, router bias: computed values sliced on dim 0
+])
+def test_merged_disk_values_are_computed_one_at_a_time(tmp_path, monkeypatch, family, dtype):
+    """merged_disk_values reads no tensor; the export computes each value once, never two alive at a time, and
+    writes what an eager export of the same values writes, which is the in-memory merged model bit for bit."""
+    from moesurgeon.io import ComputedTensor
+    from moesurgeon.surgery import expert_merge
+    from moesurgeon.surgery.expert_merge import merge_in_memory, merged_disk_values
+    from moesurgeon.surgery.prune_experts import prune_checkpoint, read_config
+
+    ckpt = save_tiny(tmp_path, family, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    adapter = get_adapter(model)
+    layers = adapter.moe_layers(model)
+    counts = torch.arange(len(layers) * 8).reshape(len(layers), 8) % 5 + 1
+    plans = plan_merge({layer.index: [[0, 3, 5], [1], [2, 7], [4], [6]] for layer in layers}, counts, layers)
+    removed = {layer.index: plans[layer.index].removed for layer in layers}
+    config = read_config(ckpt)
+    gets: list[str] = []   # tensor reads: through the reader, or by byte range (the merge's own reads)
+    real_get, real_read = CheckpointReader.get, expert_merge._read
+    monkeypatch.setattr(CheckpointReader, "get", lambda self, name: gets.append(name) or real_get(self, name))
+    monkeypatch.setattr(expert_merge, "_read", lambda reader, name: gets.append(name) or real_read(reader, name))
+    calls: Counter = Counter()
+    live: list[weakref.ref] = []   # the results computed so far that are still alive
+    most_alive = 0
+
+    def tracked(name, compute):
+        def run():
+            nonlocal most_alive
+            calls[name] += 1
+            t = compute()
+            live[:] = [r for r in live if r() is not None] + [weakref.ref(t)]
+            most_alive = max(most_alive, len(live))
+            return t
+        return run
+
+    with CheckpointReader(ckpt) as reader:
+        values = merged_disk_values(reader, adapter, layers, plans, "freq_mean")
+        assert gets == [] and len(values) >= 2 * len(layers)
+        assert all(isinstance(v, ComputedTensor) for v in values.values())
+        for name, v in values.items():
+            v.compute = tracked(name, v.compute)
+        prune_checkpoint(ckpt, tmp_path / "lazy", adapter, config, removed, values=values)
+        assert calls == Counter(dict.fromkeys(values, 1)) and most_alive == 1
+        member_reads = Counter(gets)
+        eager = {n: v.compute() for n, v in values.items()}   # the same values, all in memory (the old way)
+    assert max(member_reads.values()) == 1   # every source tensor read once, only the clusters' members
+    prune_checkpoint(ckpt, tmp_path / "eager", adapter, config, removed, values=eager)
+    with CheckpointReader(tmp_path / "lazy") as lazy, CheckpointReader(tmp_path / "eager") as ref:
+        assert lazy.tensor_names() == ref.tensor_names()
+        assert all(torch.equal(lazy.get(n), ref.get(n)) for n in ref.tensor_names())
+
+    monkeypatch.undo()
+    merge_in_memory(model, adapter, plans, "freq_mean", ckpt)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "lazy", dtype=torch.float32).eval()
+    for layer, again in zip(layers, adapter.moe_layers(reloaded)):
+        kept = torch.tensor(plans[layer.index].kept)
+        mine = dict(getattr(layer.block, adapter.experts_attr).named_parameters())
+        for name, p in getattr(again.block, adapter.experts_attr).named_parameters():
+            assert torch.equal(p, mine[name].index_select(0, kept)), name
+        assert torch.equal(again.router.weight, layer.router.weight.index_select(0, kept))
 
 
 def test_duplicate_experts_are_merged_first(tmp_path):

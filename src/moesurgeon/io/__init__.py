@@ -11,14 +11,15 @@ and knows nothing about model families; it moves tensors and files.
   weight files named as one HF series.
 - `SourceBytes` (`tensor_source`, `rows_source`): a patch value made of byte
   ranges of a source file (a renamed tensor, kept dim-0 rows), streamed by the
-  writer and never loaded.
+  writer and never loaded. `ComputedTensor(dtype, shape, compute)`: a patch
+  value computed only when the writer writes it, then dropped.
 - `output_checks.check_output_location(...)`: every check on a target that can
   run before the long work.
 """
 
 from .checkpoint_reader import CheckpointReader, TensorInfo
 from .errors import CheckpointError
-from .lazy_sources import SourceBytes, rows_source, tensor_source
+from .lazy_sources import ComputedTensor, SourceBytes, rows_source, tensor_source
 from .patch_writer import Patch, WriteReport, write_patched_checkpoint
 from .safetensors_format import ShardHeader, TensorEntry, read_header
 from .shard_layout import parse_size
@@ -26,6 +27,7 @@ from .shard_layout import parse_size
 __all__ = [
     "CheckpointError",
     "CheckpointReader",
+    "ComputedTensor",
     "Patch",
     "ShardHeader",
     "SourceBytes",

@@ -17,7 +17,9 @@ Checks, cheapest first:
 - the bytes of the tensors the patch wrote read back equal to the intended
   values, compared one chunk at a time (a lazy `SourceBytes` value is re-read
   from its file, checked against that file's identity), so verifying a prune
-  that renamed every expert holds one chunk, not the model.
+  that renamed every expert holds one chunk, not the model. A `ComputedTensor`
+  is not recomputed: the written bytes are hashed chunk by chunk and compared
+  with the SHA-256 the writer recorded when it wrote them.
 """
 
 from __future__ import annotations

@@ -16,12 +16,16 @@ Design: what happens to a shard, mode="reuse" (the default)
   from the source, replacements written inline, memory flat).
 - ADDED tensors -> new shard(s) after the reused ones, split at max_shard_size.
 
-Values (`replace` / `add`) are in-memory tensors or `SourceBytes` (lazy_sources.py):
+Values (`replace` / `add`) are in-memory tensors, `SourceBytes` (lazy_sources.py):
 byte ranges of a safetensors file, e.g. a renamed expert (one range) or the kept
-rows of a router (one range per run of kept rows). Those are copied kernel-side
-and compared chunk by chunk, never loaded: a prune holds one chunk, not the model.
-Each carries its file's identity (size, mtime, inode) from when its offsets were
-read; a file changed since, or while it is read, fails the export.
+rows of a router (one range per run of kept rows), or `ComputedTensor`s (a
+declared dtype/shape and a function, e.g. a merged expert). SourceBytes are
+copied kernel-side and compared chunk by chunk, never loaded: a prune holds one
+chunk, not the model. Each carries its file's identity (size, mtime, inode) from
+when its offsets were read; a file changed since, or while it is read, fails the
+export. A ComputedTensor is computed when its tensor is written and dropped
+right after (verification compares a hash of the written bytes, never
+recomputes): a merge holds about one tensor.
 
 Names: every output weight file is one HF series, `model-0000i-of-0000N.safetensors`
 (N = kept source shards + new shards), in both modes and for a single-file source
@@ -75,7 +79,7 @@ from .atomic_dir import atomic_output_dir, check_output_location
 from .checkpoint_reader import SAFETENSORS_INDEX, CheckpointReader
 from .errors import CheckpointError
 from .file_copy import link_or_copy
-from .lazy_sources import PatchValue, SourceBytes, tensor_source, value_nbytes, value_spec
+from .lazy_sources import ComputedTensor, PatchValue, SourceBytes, tensor_source, value_nbytes, value_spec
 from .output_verifier import Layout, verify_output
 from .safetensors_format import element_bits, expected_nbytes
 from .shard_layout import parse_size, shard_names, split_greedy, write_index
@@ -87,7 +91,8 @@ from .sidecar_files import copy_sidecar_files, write_config
 class Patch:
     """What to change. Names are the on-disk tensor names (as in the index's weight_map)."""
 
-    # values: torch.Tensor or SourceBytes (byte ranges of a safetensors file, read only while writing)
+    # values: torch.Tensor, SourceBytes (byte ranges of a safetensors file, read only while writing) or
+    # ComputedTensor (computed only while writing)
     replace: dict[str, PatchValue] = field(default_factory=dict)  # same dtype and shape as on disk
     add: dict[str, PatchValue] = field(default_factory=dict)  # new names, stored in their own dtype
     drop: set[str] = field(default_factory=set)  # must exist
@@ -150,6 +155,9 @@ def write_patched_checkpoint(
     max_bytes = parse_size(max_shard_size)
     with CheckpointReader(source_dir, allow_pickle=allow_pickle) as reader:
         _check_patch(reader, patch)
+        for value in [*patch.replace.values(), *patch.add.values()]:
+            if isinstance(value, ComputedTensor):
+                value.digest = None  # a hash left by an earlier write of this value must not verify this one
         report = WriteReport(out_dir=str(out_dir), mode=mode)
         if reader.format == "pickle" and mode == "reuse":
             report.mode = "full"
@@ -191,9 +199,9 @@ def _check_patch(reader: CheckpointReader, patch: Patch) -> None:
     """Reject an inconsistent patch before anything is written."""
     for kind, tensors in (("replace", patch.replace), ("add", patch.add)):
         for name, t in tensors.items():
-            if not isinstance(t, (torch.Tensor, SourceBytes)):
-                raise CheckpointError(f"patch.{kind}[{name!r}] is a {type(t).__name__}, expected a torch.Tensor or "
-                                      "an io.SourceBytes")
+            if not isinstance(t, (torch.Tensor, SourceBytes, ComputedTensor)):
+                raise CheckpointError(f"patch.{kind}[{name!r}] is a {type(t).__name__}, expected a torch.Tensor, "
+                                      "an io.SourceBytes or an io.ComputedTensor")
     both = sorted(set(patch.replace) & set(patch.drop))
     if both:
         raise CheckpointError(f"tensor {both[0]!r} is both replaced and dropped; keep one of the two")

@@ -2,8 +2,10 @@
 
 `write_shard` writes a new shard whose tensors come either from byte ranges of
 existing files (`lazy_sources.SourceBytes`: copied kernel-side without
-deserializing, so memory stays flat and it runs at disk speed) or from
-in-memory tensors. It holds at most one source file and one tensor at a time.
+deserializing, so memory stays flat and it runs at disk speed), from
+in-memory tensors, or from `lazy_sources.ComputedTensor`s, computed when their
+turn comes and dropped once written. It holds at most one source file and one
+tensor at a time.
 
 `clone_with_overwrites` makes a copy of a shard in which some tensors' bytes
 are replaced by new values of the SAME dtype and shape: the header and every
@@ -17,15 +19,18 @@ import os
 from dataclasses import dataclass
 
 from .file_copy import copy_range, open_for_clone, pwrite_all, start_writeback, try_reflink
-from .lazy_sources import PatchValue, SourceBytes, copy_source, prefetch
+from .lazy_sources import ComputedTensor, PatchValue, SourceBytes, copy_source, prefetch, write_computed
 from .safetensors_format import element_bits, encode_header, tensor_bytes
 
 
 def put_value(fd: int, value: PatchValue, offset: int) -> int:
     """Write a patch value's bytes at `offset` of fd; returns the bytes written. A SourceBytes is streamed
-    range by range (its file checked against its identity), a tensor written from memory."""
+    range by range (its file checked against its identity), a ComputedTensor computed now (its bytes' hash
+    recorded for verification) and released on return, a tensor written from memory."""
     if isinstance(value, SourceBytes):
         return copy_source(value, fd, offset)
+    if isinstance(value, ComputedTensor):
+        return write_computed(value, fd, offset)
     data = tensor_bytes(value)
     pwrite_all(fd, data, offset)
     return len(data)
@@ -33,7 +38,8 @@ def put_value(fd: int, value: PatchValue, offset: int) -> int:
 
 @dataclass(frozen=True)
 class OutTensor:
-    """One tensor of an output shard; `source` is a SourceBytes or a tensor of exactly dtype/shape."""
+    """One tensor of an output shard; `source` is a SourceBytes, a ComputedTensor or a tensor of exactly
+    dtype/shape."""
 
     name: str
     dtype: str
@@ -77,7 +83,7 @@ def write_shard(path: str, tensors: list[OutTensor], metadata: dict[str, str] | 
 def clone_with_overwrites(
     src: str, dst: str, overwrites: list[tuple[int, PatchValue]], *, fsync: bool
 ) -> tuple[str, int]:
-    """Copy src to dst with the bytes at each absolute offset replaced by a value's bytes (tensor or SourceBytes).
+    """Copy src to dst with the bytes at each absolute offset replaced by a value's bytes (any patch value).
 
     Returns (method, bytes written): "reflink+patch" writes only the new tensor
     bytes; "copy+patch" writes the whole file once (copying the gaps between

@@ -22,20 +22,27 @@ in-memory copy is that value cast back. So the in-memory merged model IS the exp
 left untouched (bit-identical). The export is `export_pruned` with the merged values substituted
 for the disk content before the slice / rename.
 
-Memory: those values are materialised before the export: the representatives' tensors of merged
-clusters (per-expert layouts), or every fused [E, ...] expert tensor of a layer with a merge (fused
-layouts); about the merged experts' bytes, not one tensor at a time.
+Memory: the disk values are `io.ComputedTensor`s, computed by the writer when it writes each tensor and
+dropped right after (verification hashes the written bytes, it does not recompute). A per-expert
+merged tensor reads its cluster's members one at a time (the float32 sum, one member and the result
+alive); a fused [E, ...] tensor is read whole, copied once to hold the merged rows, and sliced to the
+kept rows when written. So an export holds about one tensor (a fused one: about two), not the merged
+experts' bytes (~27 GB for Qwen3-30B-A3B at ratio 0.5). `merge_in_memory` is unchanged: the model is
+in memory anyway.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from ..arch import ArchAdapter, MoELayer
-from ..io import CheckpointError, CheckpointReader
+from ..io import CheckpointError, CheckpointReader, ComputedTensor, SourceBytes, tensor_source
+from ..io.lazy_sources import iter_source
 from ..io.safetensors_format import torch_dtype
 
 __all__ = ["LayerMerge", "ROUTER_RULES", "export_merged", "merge_in_memory", "merged_disk_values", "plan_merge",
@@ -93,13 +100,17 @@ def plan_merge(clusters: dict[int, list[list[int]]], counts: torch.Tensor, layer
     return out
 
 
-def weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+def weighted_sum(tensors: Iterable[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """sum_m weights[m] * tensors[m] in float32, members in order, each product and sum rounded once (no fused
-    multiply-add): the same bits for the same elements whatever the tensors' layout or shapes."""
-    w = weights.float()
-    acc = tensors[0].float() * w[0].to(tensors[0].device)
-    for t, wm in zip(tensors[1:], w[1:]):
-        acc = acc + t.float() * wm.to(t.device)
+    multiply-add): the same bits for the same elements whatever the tensors' layout or shapes. `tensors` may be
+    a generator: one member is held at a time."""
+    acc, count = None, 0
+    for t, wm in zip(tensors, weights.float()):
+        term = t.float() * wm.to(t.device)
+        acc = term if acc is None else acc + term
+        count += 1
+    if acc is None or count != len(weights):
+        raise ValueError(f"weighted_sum: {count} tensors for {len(weights)} weights; give one tensor per weight")
     return acc
 
 
@@ -173,14 +184,15 @@ def merge_in_memory(model, adapter: ArchAdapter, plans: dict[int, LayerMerge], r
 
 
 def merged_disk_values(reader: CheckpointReader, adapter: ArchAdapter, layers: list[MoELayer],
-                       plans: dict[int, LayerMerge], router_rule: str) -> dict[str, torch.Tensor]:
-    """{on-disk name: merged tensor in SOURCE numbering, on-disk dtype and shape} computed from the disk tensors:
-    a per-expert tensor (`experts.5.gate_proj.weight`) of each representative, and every fused [E, ...] tensor
-    (gpt_oss, or any transformers-5 fused save) whole with the representatives' slices replaced; freq_mean adds
-    the whole per-expert router tensors. Each tensor is treated by what its name and shape say, so both on-disk
-    layouts (and a mix) work."""
+                       plans: dict[int, LayerMerge], router_rule: str) -> dict[str, ComputedTensor]:
+    """{on-disk name: merged tensor in SOURCE numbering, on-disk dtype and shape}, each a ComputedTensor made from
+    the disk tensors when it is computed: a per-expert tensor (`experts.5.gate_proj.weight`) of each
+    representative, and every fused [E, ...] tensor (gpt_oss, or any transformers-5 fused save) whole with the
+    representatives' slices replaced; freq_mean adds the whole per-expert router tensors. Each tensor is treated
+    by what its name and shape say, so both on-disk layouts (and a mix) work. Only headers are read here; the
+    values read through `reader`, which must stay open until they are written."""
     _check_rule(router_rule)
-    values: dict[str, torch.Tensor] = {}
+    values: dict[str, ComputedTensor] = {}
     for layer in layers:
         plan, E = plans[layer.index], layer.num_experts
         merged = plan.merged()
@@ -192,27 +204,56 @@ def merged_disk_values(reader: CheckpointReader, adapter: ArchAdapter, layers: l
             if parsed is not None:
                 by_rest.setdefault(parsed[1], {})[parsed[0]] = n
             elif reader.header(n).shape[:1] == (E,):  # fused: one slice per expert
-                values[n] = _merged_rows(reader.get(n), merged)
+                values[n] = _lazy(reader, n, partial(_merged_rows, reader, n, merged))
         for cluster, w in merged:
             for rest, experts in by_rest.items():
                 missing = [m for m in cluster if m not in experts]
                 if missing:
                     raise CheckpointError(f"expert {missing[0]} of layer {layer.index} has no tensor {rest!r} on disk "
                                           "while other experts do; cannot merge a partial expert")
-                source = [reader.get(experts[m]) for m in cluster]
-                values[experts[cluster[0]]] = weighted_sum(source, w).to(source[0].dtype)
+                names = [experts[m] for m in cluster]
+                values[names[0]] = _lazy(reader, names[0], partial(_merged_expert, reader, names, w))
         if router_rule == "freq_mean":
             for mem, disk in adapter.router_tensor_names(layer).items():
                 stored = _router_name(reader, mem, disk)
                 if stored is not None and reader.header(stored).shape[:1] == (E,):
-                    values[stored] = _merged_rows(reader.get(stored), merged)
+                    values[stored] = _lazy(reader, stored, partial(_merged_rows, reader, stored, merged))
     return values
 
 
-def _merged_rows(full: torch.Tensor, merged: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
-    out = full.clone()
+def _lazy(reader: CheckpointReader, name: str, compute) -> ComputedTensor:
+    info = reader.header(name)
+    return ComputedTensor(info.dtype, info.shape, compute, label=f"merged {name}")
+
+
+def _merged_expert(reader: CheckpointReader, names: list[str], w: torch.Tensor) -> torch.Tensor:
+    """One merged per-expert tensor, the members read one at a time (in cluster order, as weighted_sum sums)."""
+    dtype = torch_dtype(reader.header(names[0]).dtype)
+    return weighted_sum((_read(reader, n) for n in names), w).to(dtype)
+
+
+def _read(reader: CheckpointReader, name: str) -> torch.Tensor:
+    """The tensor in memory of its own, read with pread (its file checked against the reader's view of it). Not
+    `reader.get`: safetensors maps the whole shard, and the pages a merge touches would stay in RSS up to a
+    shard's size; a pickle source's (shared, mmap-backed) tensor is cloned."""
+    source = tensor_source(reader, name)
+    if not isinstance(source, SourceBytes):
+        return source.clone()
+    out = torch.empty(source.nbytes, dtype=torch.uint8)
+    view, pos = memoryview(out.numpy()), 0
+    for chunk in iter_source(source):
+        view[pos:pos + len(chunk)] = chunk
+        pos += len(chunk)
+    return out.view(torch_dtype(source.dtype)).reshape(source.shape)
+
+
+def _merged_rows(reader: CheckpointReader, name: str, merged: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
+    """A fused [E, ...] tensor with each merged cluster's average in its representative's row, written in place
+    into the tensor read (its own memory): clusters are disjoint and each reads its members before writing its
+    representative, so reading from it is the same as reading the source."""
+    out = _read(reader, name)
     for cluster, w in merged:
-        out[cluster[0]] = weighted_sum([full[m] for m in cluster], w).to(full.dtype)
+        out[cluster[0]] = weighted_sum([out[m] for m in cluster], w).to(out.dtype)
     return out
 
 
@@ -223,9 +264,9 @@ def export_merged(model, adapter: ArchAdapter, source_dir: Path, out_dir: Path, 
     from .prune_experts import export_pruned
 
     layers = adapter.moe_layers(model)
-    with CheckpointReader(source_dir, allow_pickle=opts.allow_pickle) as reader:
-        values = merged_disk_values(reader, adapter, layers, plans, router_rule)
     removed = {layer.index: plans[layer.index].removed for layer in layers}
-    metrics = export_pruned(model, adapter, source_dir, out_dir, opts, removed, probe_input_ids, values=values)
+    with CheckpointReader(source_dir, allow_pickle=opts.allow_pickle) as reader:  # open while values are written
+        values = merged_disk_values(reader, adapter, layers, plans, router_rule)
+        metrics = export_pruned(model, adapter, source_dir, out_dir, opts, removed, probe_input_ids, values=values)
     metrics["export/tensors_merged"] = len(values)
     return metrics

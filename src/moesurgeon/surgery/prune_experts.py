@@ -13,7 +13,9 @@ about one chunk in memory whatever the model size. Two entry points share the pl
 `export_pruned` (a loaded model whose mask is substituted; the export is reloaded and compared) and
 `prune_checkpoint` (config.json and the shard headers only, no model). `values=` replaces the disk
 content of chosen tensors (SOURCE numbering) before the slice / rename: how a merge writes merged
-experts and new router rows into the kept slots.
+experts and new router rows into the kept slots. A value may be an `io.ComputedTensor` (computed by
+the writer when it writes that tensor, then dropped; a fused one is sliced then too), so a merge
+holds about one tensor instead of all merged ones.
 
 When is this exact (pruned model == masked model, logits equal)?
 - softmax families (qwen2/3, olmoe, mixtral): a -inf logit contributes exp(-inf) = 0 to the softmax,
@@ -38,10 +40,10 @@ from pathlib import Path
 import torch
 
 from ..arch import ArchAdapter, ExpertCountError, MoELayer
-from ..io import CheckpointError, CheckpointReader, Patch, WriteReport, rows_source, tensor_source
+from ..io import CheckpointError, CheckpointReader, ComputedTensor, Patch, WriteReport, rows_source, tensor_source
 from ..io import write_patched_checkpoint
 from ..io.output_checks import check_output_location
-from ..io.safetensors_format import dtype_name
+from ..io.lazy_sources import PatchValue, value_spec
 from ..routers.errors import RouterConfigError
 
 
@@ -106,13 +108,14 @@ def plan_from_config(adapter: ArchAdapter, config: dict, removed: dict[int, list
 
 
 def prune_patch(adapter: ArchAdapter, reader: CheckpointReader, layers: Sequence[MoELayer | int], plan: PrunePlan, *,
-                values: dict[str, torch.Tensor] | None = None) -> Patch:
+                values: dict[str, torch.Tensor | ComputedTensor] | None = None) -> Patch:
     """The io Patch (drop / add under on-disk names, config edits) that removes the masked experts.
 
     layers: the MoE layers (loaded `MoELayer`s or bare layer indices). Renamed and sliced tensors are lazy
     byte ranges of the source. values: {on-disk name: full tensor in SOURCE numbering, on-disk dtype and
     shape} replacing the disk content before the slice / rename (e.g. merged expert weights and new router
-    rows in the kept slots); a tensor the prune does not touch is replaced as it is.
+    rows in the kept slots); a tensor the prune does not touch is replaced as it is. A ComputedTensor value
+    stays lazy (renamed as it is, sliced by `ComputedTensor.rows`): nothing is computed here.
     """
     values = _checked_values(reader, values or {})
     E = plan.source_experts
@@ -161,22 +164,24 @@ def _layer_prefixes(adapter: ArchAdapter, names: list[str], index: int) -> tuple
                           f"checkpoint: its key format is not one the {adapter.model_type} adapter knows")
 
 
-def _checked_values(reader: CheckpointReader, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _checked_values(reader: CheckpointReader, values: dict[str, PatchValue]) -> dict[str, PatchValue]:
+    """The values checked against the headers (declared dtype/shape for a ComputedTensor, never computed)."""
     for name, value in values.items():
-        if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"values[{name!r}] is a {type(value).__name__}; expected a torch.Tensor")
+        if not isinstance(value, (torch.Tensor, ComputedTensor)):
+            raise CheckpointError(f"values[{name!r}] is a {type(value).__name__}; expected a torch.Tensor or an "
+                                  "io.ComputedTensor")
         if name not in reader:
             raise CheckpointError(f"values[{name!r}]: the checkpoint has no such tensor; keys of values are on-disk "
                                   "names in the SOURCE numbering (as in its model.safetensors.index.json)")
-        info, got = reader.header(name), dtype_name(value.dtype)
-        if (got, tuple(value.shape)) != (info.dtype, info.shape):
-            raise CheckpointError(f"values[{name!r}] is {got} {list(value.shape)}, but the checkpoint stores "
+        info, (got, shape) = reader.header(name), value_spec(value)
+        if (got, shape) != (info.dtype, info.shape):
+            raise CheckpointError(f"values[{name!r}] is {got} {list(shape)}, but the checkpoint stores "
                                   f"{info.dtype} {list(info.shape)}: give the full tensor in source numbering, cast "
                                   "to the on-disk dtype")
-    return {n: v.detach().to("cpu").contiguous() for n, v in values.items()}
+    return {n: v if isinstance(v, ComputedTensor) else v.detach().to("cpu").contiguous() for n, v in values.items()}
 
 
-def _slice_rows(reader: CheckpointReader, name: str, E: int, keep: list[int], value: torch.Tensor | None,
+def _slice_rows(reader: CheckpointReader, name: str, E: int, keep: list[int], value: PatchValue | None,
                 patch: Patch) -> None:
     shape = reader.header(name).shape
     if shape[:1] != (E,):
@@ -186,6 +191,8 @@ def _slice_rows(reader: CheckpointReader, name: str, E: int, keep: list[int], va
     patch.drop.add(name)
     if value is None:
         patch.add[name] = rows_source(reader, name, keep)
+    elif isinstance(value, ComputedTensor):
+        patch.add[name] = value.rows(keep)  # computed whole and sliced only when written
     else:
         patch.add[name] = value.index_select(0, torch.tensor(keep, dtype=torch.long)).contiguous()
 
@@ -201,7 +208,7 @@ def _inexact_refusal(adapter: ArchAdapter, plan: PrunePlan, options: str) -> Rou
 
 def export_pruned(model, adapter: ArchAdapter, source_dir: Path, out_dir: Path, opts, mask: dict[int, list[int]],
                   probe_input_ids: torch.Tensor, allow_inexact: bool = False, *,
-                  values: dict[str, torch.Tensor] | None = None) -> dict:
+                  values: dict[str, torch.Tensor | ComputedTensor] | None = None) -> dict:
     """Write the masked model as a pruned checkpoint; `model` must run with the mask substituted.
 
     Exact plans are verified by export_patched_model (reload, logits compared with the masked model,
@@ -233,7 +240,7 @@ def export_pruned(model, adapter: ArchAdapter, source_dir: Path, out_dir: Path, 
 
 
 def prune_checkpoint(source_dir: str | os.PathLike, out_dir: str | os.PathLike, adapter: ArchAdapter, config: dict,
-                     removed: dict[int, list[int]], *, values: dict[str, torch.Tensor] | None = None,
+                     removed: dict[int, list[int]], *, values: dict[str, torch.Tensor | ComputedTensor] | None = None,
                      mode: str = "reuse", link: str = "auto", max_shard_size: int | str = "5GB",
                      overwrite: bool = False, allow_inexact: bool = False) -> WriteReport:
     """Prune a checkpoint on disk, no model loaded: `removed[layer]` experts (old numbering) leave every MoE layer.
