@@ -1,5 +1,7 @@
 """Compare two dump_outputs.py JSON files (runtime A = transformers 5, runtime B = the other one).
 
+Runtime B may also be a vllm_leg/dump_vllm.py dump, which writes the same format.
+
 Per checkpoint label present in both files it checks, and prints:
   1. tokenization   — prompt and continuation token ids identical in both runtimes;
   2. greedy         — the generated token ids identical. Only when --tie-margin > 0: a divergence
@@ -10,9 +12,15 @@ Per checkpoint label present in both files it checks, and prints:
                       every MoE module's top-k attribute == the top-k actually executed (expert-token
                       assignments / tokens, counted with hooks during the scoring pass);
   5. routers loaded — in EACH runtime the loaded router weights equal the on-disk tensors bit for bit;
+  5b. expert count  — in EACH runtime (when the dump records it): every expert-count key of config.json,
+                      the loaded config's, the experts every MoE module instantiated and its router's rows
+                      all agree (a pruned / grown export edits the count; a runtime that reads a stale key or
+                      pads to the source's count would be caught);
+  5c. experts A=B    — both runtimes built the same number of experts in every MoE layer;
   6. non-vacuous    — every patched checkpoint (any label but --baseline) gives outputs that differ
                       from the baseline's in the same runtime by more than --min-effect in max
-                      |logprob diff| (or in greedy tokens), and a checkpoint said to carry a router
+                      |logprob diff| (or in greedy tokens) - or, for a function-preserving export (grow),
+                      the runtime built another expert count than for the baseline - and a checkpoint said to carry a router
                       patch (--router-patched LABEL) has on-disk router tensors that differ from the
                       baseline's. Otherwise the check could not tell "patch honoured" from "ignored".
 Tokenizer files that runtime B's AutoTokenizer cannot load are a failure unless
@@ -62,6 +70,28 @@ def topk_check(ck: dict) -> tuple[bool, str]:
                 f"{'/'.join(names) or 'no attribute'}={attrs} executed={executed}")
 
 
+def runtime_name(rt: dict) -> str:
+    """A dump's runtime as printed: its own name (vLLM's dump sets one) or the transformers version."""
+    return rt.get("name") or f"transformers {rt['transformers']}"
+
+
+def experts_built(ck: dict) -> dict[str, int] | None:
+    """MoE layer -> experts the runtime instantiated (None for dumps that do not record it)."""
+    ex = ck.get("experts")
+    return None if ex is None else {n: m["experts"] for n, m in ex["modules"].items()}
+
+
+def experts_check(ck: dict) -> tuple[bool, str] | None:
+    ex = ck.get("experts")
+    if ex is None:  # dumps written before the expert count was recorded
+        return None
+    values = set(ex["config_json"].values()) | set(ex["loaded_config"].values())
+    values |= {v for m in ex["modules"].values() for v in m.values()}
+    per_module = sorted({(m["experts"], m["router_rows"]) for m in ex["modules"].values()})
+    return len(values) == 1, (f"config.json {ex['config_json']} loaded_config {ex['loaded_config']}"
+                              f" modules (experts, router rows) {per_module}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("a", type=Path, help="dump of runtime A (reference: transformers 5)")
@@ -84,8 +114,7 @@ def main(argv=None) -> int:
     tol = args.logprob_tol if args.logprob_tol is not None else tol_default
     tie = args.tie_margin if args.tie_margin is not None else tie_default
     ra, rb = A["runtime"], B["runtime"]
-    print(f"A: transformers {ra['transformers']} / torch {ra['torch']}    "
-          f"B: transformers {rb['transformers']} / torch {rb['torch']}    dtype {dtype}")
+    print(f"A: {runtime_name(ra)} / torch {ra['torch']}    B: {runtime_name(rb)} / torch {rb['torch']}    dtype {dtype}")
     print(f"tolerances: max |logprob diff| <= {tol:g}; greedy tokens identical"
           + (f" (near-tie divergence accepted when both margins <= {tie:g})" if tie > 0 else ""))
 
@@ -116,12 +145,26 @@ def main(argv=None) -> int:
             rec[f"top_k_{side}"] = what
             if not ok:
                 failures.append(f"{lab}: runtime {side} top-k not honoured: {what}")
+            ex = experts_check(ck)
+            if ex is not None:
+                ok, what = ex
+                print(f"   experts {side}: {'ok  ' if ok else 'FAIL'} {what}")
+                rec[f"experts_{side}"] = what
+                if not ok:
+                    failures.append(f"{lab}: runtime {side} expert count inconsistent: {what}")
             rw = ck["router_weights"]
             print(f"   routers {side}: {'ok  ' if rw['all_exact'] else 'FAIL'} loaded == on disk "
                   f"({len(rw['tensors'])} tensors, disk digest {rw['disk_digest'][:12]})")
             if not rw["all_exact"]:
                 bad = {n: t["max_abs_diff"] for n, t in rw["tensors"].items() if not t["exact"]}
                 failures.append(f"{lab}: runtime {side} router weights differ from disk: {bad}")
+        built_a, built_b = experts_built(ca), experts_built(cb)
+        if built_a is not None and built_b is not None:
+            same = built_a == built_b
+            print(f"   experts A vs B: {'ok  ' if same else 'FAIL'} same experts built per layer"
+                  f" ({sorted(set(built_a.values()))} / {sorted(set(built_b.values()))})")
+            if not same:
+                failures.append(f"{lab}: the runtimes built different expert counts: A {built_a} B {built_b}")
         worst = 0.0
         for name, pa in ca["prompts"].items():
             pb = cb["prompts"][name]
@@ -153,10 +196,18 @@ def main(argv=None) -> int:
                 eff = max(max_abs_diff(ck["prompts"][n]["continuation_logprobs"],
                                        base["prompts"][n]["continuation_logprobs"]) for n in ck["prompts"])
                 gdiff = sum(ck["prompts"][n]["greedy_ids"] != base["prompts"][n]["greedy_ids"] for n in ck["prompts"])
-                ok = eff > args.min_effect or gdiff > 0
+                # a function-preserving export (grow: the added experts start muted) has the source's outputs by
+                # design; then only its structure tells it apart: the runtime must have built other expert counts
+                built, built_base = experts_built(ck), experts_built(base)
+                structural = built is not None and built_base is not None and built != built_base
+                ok = eff > args.min_effect or gdiff > 0 or structural
+                why = ("" if eff > args.min_effect or gdiff > 0 else
+                       f" - same outputs, but experts built {sorted(set(built.values()))} vs {args.baseline}'s"
+                       f" {sorted(set(built_base.values()))} (a function-preserving export)" if structural else "")
                 print(f"   effect vs {args.baseline} in {side}: {'ok  ' if ok else 'FAIL'} max|dlogprob| {eff:.3g},"
-                      f" greedy differs on {gdiff}/{len(ck['prompts'])} prompts")
-                rec[f"effect_vs_baseline_{side}"] = {"max_abs_logprob_diff": eff, "greedy_prompts_differing": gdiff}
+                      f" greedy differs on {gdiff}/{len(ck['prompts'])} prompts{why}")
+                rec[f"effect_vs_baseline_{side}"] = {"max_abs_logprob_diff": eff, "greedy_prompts_differing": gdiff,
+                                                     "expert_count_differs": structural}
                 if not ok:
                     failures.append(f"{lab}: runtime {side} outputs indistinguishable from {args.baseline}")
             if lab in args.router_patched:

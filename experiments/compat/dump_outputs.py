@@ -17,7 +17,9 @@ and per checkpoint what the runtime made of the MoE routing:
     the tokens entering the block (4.x: rows fed to each expert module; 5.x: the `top_k_index`
     handed to the fused experts module),
   * whether the loaded router weights equal the router tensors stored on disk (bit-exact after
-    casting back to the stored dtype) and a digest of the on-disk router tensors.
+    casting back to the stored dtype) and a digest of the on-disk router tensors,
+  * the expert count: every expert-count key in config.json (pruned / grown exports edit it), the
+    loaded config's, and per MoE block the experts actually instantiated and the router's rows.
 
     python dump_outputs.py --out tf5.json --checkpoint reference=/path/a --checkpoint topk3=/path/b
 """
@@ -92,6 +94,30 @@ def block_top_k(block) -> dict:
     if gate is not None and hasattr(gate, "top_k"):
         found["gate.top_k"] = int(gate.top_k)
     return found
+
+
+# config keys that hold the routed-expert count in the families moesurgeon exports (a config may hold
+# several, e.g. the embedded Qwen3-MoE writes both num_experts and num_local_experts)
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def block_experts(block) -> dict:
+    """Experts the runtime built for one block, and the router's output rows."""
+    experts = block.experts
+    if isinstance(experts, torch.nn.ModuleList):  # transformers 4: one module per expert
+        built = len(experts)
+    else:  # transformers 5: fused tensors with the expert index first
+        built = int(next(experts.parameters()).shape[0])
+    return {"experts": built, "router_rows": int(block.gate.weight.shape[0])}
+
+
+def expert_counts(model, disk_cfg: dict, blocks) -> dict:
+    return {
+        "config_json": {k: disk_cfg[k] for k in EXPERT_COUNT_KEYS if k in disk_cfg},
+        "loaded_config": {k: getattr(model.config, k) for k in EXPERT_COUNT_KEYS
+                          if getattr(model.config, k, None) is not None},
+        "modules": {n: block_experts(b) for n, b in blocks},
+    }
 
 
 class AssignmentCounter:
@@ -247,6 +273,7 @@ def dump_checkpoint(label: str, path: str, dtype: torch.dtype, new_tokens: int) 
             "loaded_config": getattr(model.config, "num_experts_per_tok", None),
             "modules": {n: block_top_k(b) for n, b in blocks},
         },
+        "experts": expert_counts(model, disk_cfg, blocks),
         "router_weights": router_check(model, ckpt, blocks),
         "prompts": prompts,
         "seconds": {"load": load_s, "run": run_s},

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Do checkpoints patched by moesurgeon load in transformers 4.x with the same results as in transformers 5?
+# Do checkpoints patched by moesurgeon load in transformers 4.x (and, optionally, llama.cpp and vLLM) with the same
+# results as in transformers 5? Any other export directory: check_export.sh (or COMPAT_EXPORTS below).
 #
 #   bash experiments/compat/run_compat.sh
 #
@@ -24,6 +25,11 @@
 #   COMPAT_STRICT_TOKENIZER=1  fail (instead of report) when transformers 4's AutoTokenizer cannot load the
 #                           checkpoint's tokenizer files
 #   COMPAT_KEEP_WORK=1      keep the temporary directory with the patched checkpoints
+#   COMPAT_LLAMA_CPP=1      add llama.cpp (llama_cpp/run_llama_cpp.sh; compiles llama.cpp the first time, ~20 min)
+#   COMPAT_VLLM=1           add vLLM's CPU build (vllm_cpu/; creates .venv-vllm the first time, ~10 min):
+#                           float32, transformers 5 vs vLLM on the four checkpoints, same checks via compare.py
+#   COMPAT_EXPORTS="label=DIR label2=DIR"  afterwards, run check_export.sh on these export directories (any
+#                           expert count; transformers 4 + vLLM unless COMPAT_TF4=0 / COMPAT_VLLM=0, see there)
 # Results: experiments/compat/out/ (dumps, comparison logs, summary JSON), overwritten on each run.
 set -euo pipefail
 
@@ -31,9 +37,6 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 MAIN_PY=${MOESURGEON_PY:-$ROOT/.venv/bin/python}
 TF4=${COMPAT_TRANSFORMERS:-4.57.6}
-TORCH=2.13.0          # always pinned: an unpinned torch pulls a multi-GB CUDA build
-BASE_PY=${COMPAT_BASE_PY:-python3}
-VENV=$HERE/.venv-compat
 OUT=$HERE/out
 SRC_MODEL=$ROOT/src/moesurgeon/assets/reference_model
 START=$(date +%s)
@@ -44,29 +47,8 @@ log() { printf '\n[run_compat %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 [[ -f $SRC_MODEL/config.json ]] || { echo "reference model missing: $SRC_MODEL" >&2; exit 2; }
 
 # ---------------------------------------------------------------- 1. the compat venv
-venv_ok() {
-    [[ -x $VENV/bin/python ]] && "$VENV/bin/python" - "$TF4" "$TORCH" <<'EOF' 2>/dev/null
-import sys, importlib.metadata as md
-want_tf, want_torch = sys.argv[1:3]
-ok = md.version("transformers") == want_tf and md.version("torch").split("+")[0] == want_torch
-md.version("safetensors")
-sys.exit(0 if ok else 1)
-EOF
-}
-if venv_ok; then
-    log "reusing $VENV"
-else
-    log "creating $VENV (transformers==$TF4, torch==$TORCH, safetensors)"
-    rm -rf "$VENV"
-    "$BASE_PY" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet "transformers==$TF4" "torch==$TORCH" safetensors 2>&1 \
-        | { grep -v "^WARNING: Location" || true; }
-fi
-latest4=$("$VENV/bin/python" -m pip index versions transformers 2>/dev/null \
-    | sed -n 's/^Available versions: //p' | tr ',' '\n' | tr -d ' ' | grep '^4\.' | head -1 || true)
-if [[ -n $latest4 && $latest4 != "$TF4" ]]; then
-    echo "note: the newest transformers 4.x on the index is $latest4, this run uses $TF4 (COMPAT_TRANSFORMERS)"
-fi
+VENV_PY=$(bash "$HERE/setup_compat_venv.sh")
+VENV=$(dirname "$(dirname "$VENV_PY")")
 
 # ---------------------------------------------------------------- 2. patched checkpoints (main venv)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/moesurgeon-compat.XXXXXX")
@@ -134,6 +116,20 @@ else
     echo "negative control NOT flagged - the comparison is too weak"; status=1
 fi
 
+# ---------------------------------------------------------------- optional: vLLM (CPU build)
+if [[ ${COMPAT_VLLM:-0} == 1 ]]; then
+    log "vLLM (COMPAT_VLLM=1): dump_vllm.py (float32) and compare with transformers 5"
+    VLLM_PY=$(bash "$HERE/vllm_cpu/setup_venv.sh")
+    if env -u PYTHONPATH "$VLLM_PY" "$HERE/vllm_cpu/dump_vllm.py" --dtype float32 --out "$OUT/vllm_float32.json" \
+            "${CKPTS[@]}" > "$OUT/vllm_float32.log" 2>&1; then  # stdout too: vLLM logs to stdout
+        "$VENV/bin/python" "$HERE/compare.py" "$OUT/tf5_float32.json" "$OUT/vllm_float32.json" \
+            --router-patched router --router-patched router_k4 --summary "$OUT/summary_vllm_float32.json" \
+            | tee "$OUT/compare_vllm_float32.txt" || status=1
+    else
+        tail -40 "$OUT/vllm_float32.log"; echo "FAIL: vLLM could not load/run a checkpoint"; status=1
+    fi
+fi
+
 # ---------------------------------------------------------------- optional: llama.cpp
 if [[ ${COMPAT_LLAMA_CPP:-0} == 1 ]]; then
     log "llama.cpp (COMPAT_LLAMA_CPP=1)"
@@ -142,10 +138,18 @@ if [[ ${COMPAT_LLAMA_CPP:-0} == 1 ]]; then
         || status=1
 fi
 
+# ---------------------------------------------------------------- optional: any export directories
+if [[ -n ${COMPAT_EXPORTS:-} ]]; then
+    log "check_export.sh $COMPAT_EXPORTS"
+    read -r -a EXPORTS <<< "$COMPAT_EXPORTS"
+    MOESURGEON_PY="$MAIN_PY" COMPAT_OUT="$OUT/exports" bash "$HERE/check_export.sh" "${EXPORTS[@]}" || status=1
+fi
+
 ELAPSED=$(( $(date +%s) - START ))
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "main venv: $("$MAIN_PY" -c 'import transformers, torch; print("transformers", transformers.__version__, "torch", torch.__version__)')"
+    [[ ${COMPAT_VLLM:-0} == 1 ]] && echo "vllm venv: $("$VLLM_PY" -c 'from importlib.metadata import version as v; print("vllm-cpu", v("vllm-cpu"), "transformers", v("transformers"), "torch", v("torch"))')"
     echo "compat venv: $("$VENV/bin/python" -c 'import transformers, torch; print("transformers", transformers.__version__, "torch", torch.__version__)')"
     echo "wall time: ${ELAPSED}s"
     echo "status: $([[ $status == 0 ]] && echo PASS || echo FAIL)"
