@@ -11,7 +11,7 @@ transformers' config class for the family, as loading the checkpoint would.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import ExpertCountError, InvalidConfigError, UnsupportedModelError
 
@@ -25,6 +25,25 @@ class ExpertCountEdits:
     reason: str  # why it is (or is not) exact, for the log and metrics
 
 
+@dataclass(frozen=True)
+class ExpertGrowLayout:
+    """Where the experts of a grown MoE layer sit (the same in every MoE layer), and the config.json edits."""
+
+    edits: dict[str, int]  # config.json key -> new value
+    groups: int  # contiguous groups the added experts are spread over (1: appended after the source experts)
+    old_positions: tuple[int, ...]  # new index of each source expert, in source order
+    new_positions: tuple[int, ...]  # indices of the added experts, group by group, ascending
+    reason: str  # how the layout keeps the family's routing, for the log and metrics
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.old_positions) + len(self.new_positions)
+
+    def group_of(self, position: int) -> int:
+        """The group (0..groups-1) of the expert at `position` in the grown layer."""
+        return position // (self.num_experts // self.groups)
+
+
 class ConfigJson:
     """The config.json part of an architecture adapter (a mixin of `ArchAdapter`)."""
 
@@ -35,6 +54,12 @@ class ConfigJson:
     top_k_key: ClassVar[str] = "num_experts_per_tok"
     # config.json keys of the group limit (number of groups, groups a token may use); None: no limit
     group_keys: ClassVar[tuple[str, str] | None] = None
+
+    if TYPE_CHECKING:  # from DiskNames, the other half of the adapter (router_disk_prefix)
+        disk_layers_prefix: ClassVar[str]
+        block_attr: ClassVar[str]
+        router_attr: ClassVar[str]
+        def disk_name(self, name: str) -> str: ...
 
     # ---------------------------------------------------------------- reading
     def config_value(self, config: dict, key: str) -> Any:
@@ -150,3 +175,54 @@ class ConfigJson:
         return ExpertCountEdits(edits, False, f"the mask removes experts unevenly across the {n_group} groups "
                                               f"(removed per group: {sorted(per_group)}), so pruned experts regroup "
                                               f"and the group limit ({kept_key}={topk_group}) picks differently")
+
+    # ---------------------------------------------------------------- growing (expert_grow, expert_transplant)
+    def expert_grow_layout(self, config: dict, add: int) -> ExpertGrowLayout:
+        """The layout of MoE layers that each gain `add` experts, and the config.json edits.
+
+        Without a group limit (or with one that excludes nothing, as for prune: `topk_group >= n_group`,
+        written as one group) the added experts come after the source experts, whose indices stay.
+        With a real limit (a token chooses only from its best groups of contiguous experts) the groups
+        must stay equal and contiguous, so every group gains `add / n_group` experts at its end and the
+        source experts after group 0 move up (renumbering); an `add` the group count does not divide
+        is refused (ExpertCountError), as is a config.json without an expert-count key.
+        """
+        keys = [key for key in self.num_experts_keys if config.get(key) is not None]
+        if not keys:
+            raise ExpertCountError(f"config.json has none of the expert-count keys {self.num_experts_keys}")
+        old = self.num_experts_from_config(config)
+        new = old + int(add)
+        edits = dict.fromkeys(keys, new)
+        groups = self.group_limit_from_config(config)
+        appended = (tuple(range(old)), tuple(range(old, new)))
+        if groups is None or self.group_keys is None:
+            return ExpertGrowLayout(edits, 1, *appended, f"{self.scoring} routing; the added experts follow the "
+                                                          f"{old} source experts")
+        groups_key, kept_key = self.group_keys
+        n_group, topk_group = groups
+        if topk_group >= n_group:
+            edits.update(dict.fromkeys(self.group_keys, 1))
+            return ExpertGrowLayout(edits, 1, *appended, f"{kept_key}={topk_group} >= {groups_key}={n_group}: the "
+                                                          "group limit excludes nothing, so the grown config uses one "
+                                                          "group")
+        if old % n_group:
+            raise ExpertCountError(f"config.json: {old} experts do not split into {groups_key}={n_group} equal groups; "
+                                   "the source config is inconsistent")
+        size = old // n_group
+        if add % n_group:
+            raise ExpertCountError(
+                f"grow beyond what the config's group structure allows: {add} new experts per layer cannot be "
+                f"spread evenly over {groups_key}={n_group} groups of {size} ({self.model_type} routes group-limited, "
+                f"{kept_key}={topk_group}, over equal contiguous groups); add a multiple of {n_group}")
+        per = add // n_group
+        old_positions = tuple((e // size) * (size + per) + e % size for e in range(old))
+        new_positions = tuple(g * (size + per) + size + j for g in range(n_group) for j in range(per))
+        return ExpertGrowLayout(edits, n_group, old_positions, new_positions,
+                                f"every one of the {n_group} groups gains {per} expert(s) at its end, so groups stay "
+                                f"equal and contiguous ({kept_key}={topk_group} still applies)")
+
+    def router_disk_prefix(self, layer_index: int) -> str:
+        """On-disk name prefix of every tensor of MoE layer `layer_index`'s router, e.g. "model.layers.3.mlp.gate.",
+        from config.json alone (disk_names.py's rules: renamed blocks such as mixtral's block_sparse_moe)."""
+        block = f"{self.disk_layers_prefix}.{int(layer_index)}.{self.block_attr}"
+        return self.disk_name(f"{block}.{self.router_attr}.x")[:-1]

@@ -187,6 +187,10 @@ class ExpertGrowSettings:
     init: str = "clone_top"
     noise: float = 0.01
     seed: int = 0
+    # the added experts' router rows: mute (never chosen where the router has a per-expert bias: exact on gpt_oss
+    # and deepseek_v3; zero rows elsewhere: exact only while every token has >= k positive logits, measured) |
+    # live (the parent's row and bias, or a random row: they compete at once; not function-preserving)
+    router: str = "mute"
     scores: str | None = None      # expert_scores.safetensors (or run dir) of an earlier run; null: score data.train
 
 
