@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -35,13 +34,13 @@ from transformers import AutoModelForCausalLM
 
 from ..block_runner import run_blocks
 from ..errors import ConfigError
-from ..evaluate import evaluate_perplexity, relative_change
+from ..evaluate import evaluate_perplexity
 from ..export import ExportVerificationError
 from ..io import CheckpointReader
 from ..models import input_device
-from ..probe import ExpertScores, score_experts
 from ..run_context import RunContext
 from ..surgery.expert_grow import check_clones, check_grow_source, choose_parents, export_grown, grow_patch, plan_grow
+from .expert_scoring import record_change, scores_of_run, stored_scores
 from .settings import ExpertGrowSettings
 
 log = logging.getLogger("moesurgeon")
@@ -56,10 +55,7 @@ def run(ctx: RunContext, settings: ExpertGrowSettings) -> dict:
     with CheckpointReader(ctx.source_dir, allow_pickle=allow_pickle) as reader:
         plan = check_grow_source(adapter, reader, plan)
     needs_scores = plan.init != "random"
-    stored = _read_scores(settings.scores) if settings.scores and needs_scores else None
-    if stored is not None and stored.num_experts != plan.num_experts:
-        raise ConfigError(f"expert_grow.scores={settings.scores}: scores for {stored.num_experts} experts per layer, "
-                          f"but this model has {plan.num_experts}; pass the scores of a run on this model")
+    stored = stored_scores("expert_grow.scores", settings.scores if needs_scores else None, plan.num_experts)
     compute = needs_scores and stored is None
     if compute and ctx.data.train.path is None:
         raise ConfigError(f"expert_grow.init={plan.init} copies the most-used experts and needs their frequency: set "
@@ -79,16 +75,8 @@ def run(ctx: RunContext, settings: ExpertGrowSettings) -> dict:
              plan.layout.reason, plan.exact_reason)
 
     # ---- scores (clone inits: the parents are the most-used experts)
-    scores = stored
-    if compute:
-        t0 = time.perf_counter()
-        scores, tps = score_experts(model, adapter, blocks["train"], bs, ctx.progress, desc="expert scores")
-        metrics.update({"scores/seconds": time.perf_counter() - t0, "scores/tokens_per_s": tps})
-    if scores is not None:
-        if scores.layer_names != names:
-            raise ConfigError(f"expert_grow.scores={settings.scores}: scores for routers {scores.layer_names}, this "
-                              f"model's routers are {names}; pass the scores of a run on this model")
-        scores.save(out_dir / "expert_scores.safetensors")
+    scores = scores_of_run(f"expert_grow.scores={settings.scores}", stored, compute, model, adapter,
+                           blocks.get("train"), bs, ctx.progress, names, out_dir, metrics)
     parents = choose_parents(plan, scores.criterion("frequency") if scores is not None else None)
     expert_map = {layer.router_name: {"source": _sources(plan), "parents": {
         str(p): parent for p, parent in zip(plan.layout.new_positions, parents[layer.index], strict=True)}}
@@ -127,12 +115,9 @@ def run(ctx: RunContext, settings: ExpertGrowSettings) -> dict:
         metrics.update({f"grow/new_expert_share/{name}": v for name, v in share.items()})
         after = evaluate_perplexity(grown, heldout, bs, ctx.progress, desc="grown", by_label=True)
         del grown
-    metrics.update({**before.flat("before"), **after.flat("after")})
     log.info("max |logit diff| grown vs source on held-out: %.3g; token slots on added experts: %s", diff,
              {k: round(v, 4) for k, v in share.items()})
-    for group, change in relative_change(after.ppl, before.ppl).items():
-        metrics[f"rel_change/ppl/{group}"] = change
-        log.info("%-10s ppl %8.3f -> %8.3f (%+.2f%%)", group, before.ppl[group], after.ppl[group], 100 * change)
+    record_change(metrics, before, after, digits=2)
     return metrics
 
 
@@ -170,10 +155,3 @@ def _sources(plan) -> list[int | None]:
     for e, position in enumerate(plan.layout.old_positions):
         out[position] = e
     return out
-
-
-def _read_scores(path: str) -> ExpertScores:
-    try:
-        return ExpertScores.load(path)
-    except (OSError, ValueError) as err:  # a missing or foreign file is a setting to fix, said in one line
-        raise ConfigError(f"expert_grow.scores={path}: {err}") from None

@@ -22,13 +22,13 @@ import logging
 import time
 
 from ..errors import ConfigError
-from ..evaluate import evaluate_perplexity, relative_change
-from ..probe import ExpertScores, score_experts
+from ..evaluate import evaluate_perplexity
 from ..routers import ExpertMaskRouter, substitute_routers
 from ..run_context import RunContext
 from ..surgery.expert_clusters import LINKAGES, cluster_experts, output_distances, router_distances, weight_distances
 from ..surgery.expert_merge import ROUTER_RULES, export_merged, merge_in_memory, plan_merge
 from ..surgery.expert_selection import PruneBudget, plan_budget
+from .expert_scoring import record_change, scores_of_run, stored_scores
 from .settings import ExpertMergeSettings
 
 log = logging.getLogger("moesurgeon")
@@ -42,10 +42,7 @@ def run(ctx: RunContext, settings: ExpertMergeSettings) -> dict:
     # ---- setup: everything that needs no weights first
     adapter, config = ctx.adapter, ctx.model_config
     budget = _check_settings(settings, adapter, config)
-    stored = _read_scores(settings.scores) if settings.scores else None
-    if stored is not None and stored.num_experts != budget.num_experts:
-        raise ConfigError(f"expert_merge.scores={settings.scores}: scores for {stored.num_experts} experts per layer, "
-                          f"but this model has {budget.num_experts}; pass the scores of a run on this model")
+    stored = stored_scores("expert_merge.scores", settings.scores, budget.num_experts)
     if (stored is None or settings.similarity == "output") and ctx.data.train.path is None:
         need = "expert frequencies (the merge weights)" if stored is None else "calibration tokens (similarity=output)"
         raise ConfigError(f"expert_merge needs {need} from data.train: set data.train.path=FILE"
@@ -66,15 +63,8 @@ def run(ctx: RunContext, settings: ExpertMergeSettings) -> dict:
                      "experts_merged_away_per_layer": budget.remove, "groups": budget.groups}
 
     # ---- scores (how often each expert is chosen: the merge weights and the representatives)
-    scores = stored
-    if scores is None:
-        t0 = time.perf_counter()
-        scores, tps = score_experts(model, adapter, blocks["train"], bs, ctx.progress, desc="expert scores")
-        metrics.update({"scores/seconds": time.perf_counter() - t0, "scores/tokens_per_s": tps})
-    if scores.layer_names != names:
-        raise ConfigError(f"expert_merge.scores={settings.scores}: scores for routers {scores.layer_names}, this "
-                          f"model's routers are {names}; pass the scores of a run on this model")
-    scores.save(out_dir / "expert_scores.safetensors")
+    scores = scores_of_run(f"expert_merge.scores={settings.scores}", stored, stored is None, model, adapter,
+                           blocks.get("train"), bs, ctx.progress, names, out_dir, metrics)
 
     # ---- features -> distances -> clusters
     t0 = time.perf_counter()
@@ -106,10 +96,7 @@ def run(ctx: RunContext, settings: ExpertMergeSettings) -> dict:
                                                                               plans[layer.index].removed))
     try:
         after = evaluate_perplexity(model, heldout, bs, ctx.progress, desc="merged", by_label=True)
-        metrics.update({**before.flat("before"), **after.flat("after")})
-        for group, change in relative_change(after.ppl, before.ppl).items():
-            metrics[f"rel_change/ppl/{group}"] = change
-            log.info("%-10s ppl %8.3f -> %8.3f (%+.1f%%)", group, before.ppl[group], after.ppl[group], 100 * change)
+        record_change(metrics, before, after)
         if ctx.export.enabled:
             metrics.update(export_merged(model, adapter, ctx.source_dir, ctx.export.dir, ctx.export.options, plans,
                                          settings.router_rule, heldout.input_ids[:2]))
@@ -143,10 +130,3 @@ def _write_maps(directory, plans) -> None:
     (directory / "expert_map.json").write_text(json.dumps(expert_map, indent=1) + "\n")
     lines = [f" {json.dumps(router)}: {json.dumps(c)}" for router, c in clusters.items()]  # one layer per line
     (directory / "merge_clusters.json").write_text("{\n" + ",\n".join(lines) + "\n}\n")
-
-
-def _read_scores(path: str) -> ExpertScores:
-    try:
-        return ExpertScores.load(path)
-    except (OSError, ValueError) as err:  # a missing or foreign file is a setting to fix, said in one line
-        raise ConfigError(f"expert_merge.scores={path}: {err}") from None

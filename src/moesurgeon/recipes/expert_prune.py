@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 from ..errors import ConfigError
-from ..evaluate import evaluate_perplexity, relative_change
-from ..probe import ExpertScores, score_experts
+from ..evaluate import evaluate_perplexity
 from ..routers import ExpertMaskRouter, substitute_routers
 from ..run_context import RunContext
 from ..surgery import export_pruned
 from ..surgery.expert_selection import choose_removed, plan_budget
+from .expert_scoring import record_change, scores_of_run, stored_scores
 from .score_figures import draw_scores
 from .settings import ExpertPruneSettings
 
@@ -41,10 +40,7 @@ def run(ctx: RunContext, settings: ExpertPruneSettings) -> dict:
     # ---- setup: everything that needs no weights first
     adapter, config = ctx.adapter, ctx.model_config
     budget = plan_budget(adapter, config, settings.criterion, settings.ratio, settings.keep, settings.seed)
-    stored = _read_scores(settings.scores) if settings.scores else None
-    if stored is not None and stored.num_experts != budget.num_experts:
-        raise ConfigError(f"expert_prune.scores={settings.scores}: scores for {stored.num_experts} experts per layer, "
-                          f"but this model has {budget.num_experts}; pass the scores of a run on this model")
+    stored = stored_scores("expert_prune.scores", settings.scores, budget.num_experts)
     compute = stored is None and (settings.criterion != "random" or ctx.data.train.path is not None)
     if compute and ctx.data.train.path is None:
         raise ConfigError(f"expert_prune.criterion={settings.criterion} needs expert scores: set data.train.path=FILE "
@@ -61,16 +57,8 @@ def run(ctx: RunContext, settings: ExpertPruneSettings) -> dict:
                      "groups": budget.groups}
 
     # ---- scores
-    scores = stored
-    if compute:
-        t0 = time.perf_counter()
-        scores, tps = score_experts(model, adapter, blocks["train"], bs, ctx.progress, desc="expert scores")
-        metrics.update({"scores/seconds": time.perf_counter() - t0, "scores/tokens_per_s": tps})
-    if scores is not None:
-        if scores.layer_names != names:
-            raise ConfigError(f"expert_prune.scores={settings.scores}: scores for routers {scores.layer_names}, this "
-                              f"model's routers are {names}; pass the scores of a run on this model")
-        scores.save(out_dir / "expert_scores.safetensors")
+    scores = scores_of_run(f"expert_prune.scores={settings.scores}", stored, compute, model, adapter,
+                           blocks.get("train"), bs, ctx.progress, names, out_dir, metrics)
     table = scores.criterion(settings.criterion) if settings.criterion != "random" else None
     removed = choose_removed(budget, table)
     expert_map = {layer.router_name: [e for e in range(budget.num_experts) if e not in removed[layer.index]]
@@ -90,10 +78,7 @@ def run(ctx: RunContext, settings: ExpertPruneSettings) -> dict:
     swap = substitute_routers(model, adapter, lambda layer: ExpertMaskRouter(layer, adapter, removed[layer.index]))
     try:
         after = evaluate_perplexity(model, heldout, bs, ctx.progress, desc="pruned", by_label=True)
-        metrics.update({**before.flat("before"), **after.flat("after")})
-        for group, change in relative_change(after.ppl, before.ppl).items():
-            metrics[f"rel_change/ppl/{group}"] = change
-            log.info("%-10s ppl %8.3f -> %8.3f (%+.1f%%)", group, before.ppl[group], after.ppl[group], 100 * change)
+        record_change(metrics, before, after)
         if ctx.export.enabled:
             metrics.update(export_pruned(model, adapter, ctx.source_dir, ctx.export.dir, ctx.export.options, removed,
                                          heldout.input_ids[:2]))
@@ -103,9 +88,3 @@ def run(ctx: RunContext, settings: ExpertPruneSettings) -> dict:
         swap.restore()
     return metrics
 
-
-def _read_scores(path: str) -> ExpertScores:
-    try:
-        return ExpertScores.load(path)
-    except (OSError, ValueError) as err:  # a missing or foreign file is a setting to fix, said in one line
-        raise ConfigError(f"expert_prune.scores={path}: {err}") from None

@@ -19,11 +19,12 @@ import logging
 import torch
 
 from ..errors import ConfigError
-from ..evaluate import evaluate_perplexity, relative_change
+from ..evaluate import evaluate_perplexity
 from ..export import export_patched_model
 from ..models import input_device
 from ..run_context import RunContext
 from ..surgery.expert_transplant import copy_donor_experts, plan_transplant, transplant_patch
+from .expert_scoring import record_change
 from .settings import ExpertTransplantSettings
 
 log = logging.getLogger("moesurgeon")
@@ -61,10 +62,7 @@ def run(ctx: RunContext, settings: ExpertTransplantSettings) -> dict:
         moved = model(input_ids=probe.to(input_device(model))).logits.float() - target_logits
     metrics["transplant/max_abs_logit_diff_vs_target"] = float(moved.abs().max())
     after = evaluate_perplexity(model, heldout, bs, ctx.progress, desc="transplanted", by_label=True)
-    metrics.update({**before.flat("before"), **after.flat("after")})
-    for group, change in relative_change(after.ppl, before.ppl).items():
-        metrics[f"rel_change/ppl/{group}"] = change
-        log.info("%-10s ppl %8.3f -> %8.3f (%+.2f%%)", group, before.ppl[group], after.ppl[group], 100 * change)
+    record_change(metrics, before, after, digits=2)
 
     # ---- export: only the touched tensors, verified by reload against the in-memory model
     if ctx.export.enabled:
