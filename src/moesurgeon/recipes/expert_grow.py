@@ -40,7 +40,7 @@ from ..io import CheckpointReader
 from ..models import input_device
 from ..run_context import RunContext
 from ..surgery.expert_grow import check_clones, check_grow_source, choose_parents, export_grown, grow_patch, plan_grow
-from .expert_scoring import record_change, scores_of_run, stored_scores
+from .expert_scoring import moe_layers_as_planned, record_change, scores_of_run, stored_scores
 from .settings import ExpertGrowSettings
 
 log = logging.getLogger("moesurgeon")
@@ -63,11 +63,7 @@ def run(ctx: RunContext, settings: ExpertGrowSettings) -> dict:
                           "expert_prune / expert_grow run")
     model, _, blocks = ctx.load(splits=("heldout", "train") if compute else ("heldout",))
     heldout, bs, out_dir = blocks["heldout"], ctx.batch_size, ctx.out_dir
-    layers = adapter.moe_layers(model)
-    names = [layer.router_name for layer in layers]
-    if [layer.index for layer in layers] != plan.layers:
-        raise ConfigError(f"the loaded model's MoE layers {[layer.index for layer in layers]} differ from the ones its "
-                          f"config.json describes {plan.layers}; check the checkpoint")
+    layers, names = moe_layers_as_planned(adapter, model, plan.layers)
     metrics: dict = {"init": plan.init, "router": plan.router, "add": plan.add, "num_experts_before": plan.num_experts,
                      "num_experts_after": plan.layout.num_experts, "groups": plan.layout.groups,
                      "grow/exact_by_construction": plan.exact, "grow/reason": plan.exact_reason}

@@ -28,7 +28,7 @@ from ..run_context import RunContext
 from ..surgery.expert_clusters import LINKAGES, cluster_experts, output_distances, router_distances, weight_distances
 from ..surgery.expert_merge import ROUTER_RULES, export_merged, merge_in_memory, plan_merge
 from ..surgery.expert_selection import PruneBudget, plan_budget
-from .expert_scoring import record_change, scores_of_run, stored_scores
+from .expert_scoring import moe_layers_as_planned, record_change, scores_of_run, stored_scores
 from .settings import ExpertMergeSettings
 
 log = logging.getLogger("moesurgeon")
@@ -52,11 +52,7 @@ def run(ctx: RunContext, settings: ExpertMergeSettings) -> dict:
         stored is None or settings.similarity == "output") else ("heldout",)
     model, _, blocks = ctx.load(splits=splits)
     heldout, bs, out_dir = blocks["heldout"], ctx.batch_size, ctx.out_dir
-    layers = adapter.moe_layers(model)
-    names = [layer.router_name for layer in layers]
-    if [layer.index for layer in layers] != budget.layers:
-        raise ConfigError(f"the loaded model's MoE layers {[layer.index for layer in layers]} differ from the ones its "
-                          f"config.json describes {budget.layers}; check the checkpoint")
+    layers, names = moe_layers_as_planned(adapter, model, budget.layers)
     metrics: dict = {"similarity": settings.similarity, "linkage": settings.linkage,
                      "router_rule": settings.router_rule, "ratio": settings.ratio,
                      "num_experts_before": budget.num_experts, "num_experts_after": budget.kept,

@@ -27,7 +27,7 @@ from ..routers import ExpertMaskRouter, substitute_routers
 from ..run_context import RunContext
 from ..surgery import export_pruned
 from ..surgery.expert_selection import choose_removed, plan_budget
-from .expert_scoring import record_change, scores_of_run, stored_scores
+from .expert_scoring import moe_layers_as_planned, record_change, scores_of_run, stored_scores
 from .score_figures import draw_scores
 from .settings import ExpertPruneSettings
 
@@ -47,11 +47,7 @@ def run(ctx: RunContext, settings: ExpertPruneSettings) -> dict:
                           "(scored in one probed pass) or expert_prune.scores=PATH of an earlier expert_prune run")
     model, _, blocks = ctx.load(splits=("heldout", "train") if compute else ("heldout",))
     heldout, bs, out_dir = blocks["heldout"], ctx.batch_size, ctx.out_dir
-    layers = adapter.moe_layers(model)
-    names = [layer.router_name for layer in layers]
-    if [layer.index for layer in layers] != budget.layers:
-        raise ConfigError(f"the loaded model's MoE layers {[layer.index for layer in layers]} differ from the ones its "
-                          f"config.json describes {budget.layers}; check the checkpoint")
+    layers, names = moe_layers_as_planned(adapter, model, budget.layers)
     metrics: dict = {"criterion": settings.criterion, "ratio": settings.ratio, "num_experts_before": budget.num_experts,
                      "num_experts_after": budget.kept, "experts_removed_per_layer": budget.remove,
                      "groups": budget.groups}

@@ -2,6 +2,7 @@
 
 `stored_scores` reads an earlier run's expert_scores.safetensors before any weight is read (a
 missing or foreign file, or one for another expert count, is a setting to fix, named in one line);
+`moe_layers_as_planned` checks the loaded model against the plan made from config.json;
 `scores_of_run` computes the scores on data.train when needed (one probed pass), checks that they
 belong to this model's routers and writes them into the run dir; `record_change` puts the before /
 after held-out perplexity and its relative change per label into the metrics and the log.
@@ -19,7 +20,18 @@ from ..probe import ExpertScores, score_experts
 
 log = logging.getLogger("moesurgeon")
 
-__all__ = ["record_change", "scores_of_run", "stored_scores"]
+__all__ = ["moe_layers_as_planned", "record_change", "scores_of_run", "stored_scores"]
+
+
+def moe_layers_as_planned(adapter, model, planned: list[int]) -> tuple[list, list[str]]:
+    """(the loaded model's MoE layers, their router names); refuses a model whose MoE layers are not the ones
+    config.json described when the surgery was planned (before any weight was read)."""
+    layers = adapter.moe_layers(model)
+    found = [layer.index for layer in layers]
+    if found != planned:
+        raise ConfigError(f"the loaded model's MoE layers {found} differ from the ones its config.json describes "
+                          f"{planned}; check the checkpoint")
+    return layers, [layer.router_name for layer in layers]
 
 
 def stored_scores(setting: str, path: str | None, num_experts: int) -> ExpertScores | None:
