@@ -33,6 +33,10 @@ import torch
 from moesurgeon.arch import get_adapter
 from moesurgeon.io import CheckpointReader
 
+# the synthetic checkpoint and the page-cache helpers are the browser benchmark's (experiments/browse/)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "browse"))
+from bench_browse import drop_cache, shard_files, write_checkpoint  # noqa: E402
+
 # the child times the whole prune_checkpoint call (config, plan, headers, write, verification), not the
 # interpreter and torch start-up, which the process wall time adds
 PRUNE = ("import json, sys, time; from pathlib import Path; from moesurgeon.arch import get_adapter; "
@@ -42,20 +46,6 @@ PRUNE = ("import json, sys, time; from pathlib import Path; from moesurgeon.arch
          "r = prune_checkpoint(src, out, get_adapter(config), config, {int(k): v for k, v in removed.items()}); "
          "print(json.dumps({'bytes_written_tensors': r.bytes_written_tensors, 'call_s': time.perf_counter() - t0, "
          "'write_s': r.elapsed_s, 'reuse_method': r.reuse_method, 'notes': r.notes}))")
-
-
-def shard_files(ckpt: Path) -> list[Path]:
-    return sorted(ckpt.glob("*.safetensors"))
-
-
-def drop_cache(files: list[Path]) -> None:
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def run_child(cmd: list[str]) -> tuple[float, int, str]:
@@ -151,9 +141,6 @@ def main() -> None:
     args = ap.parse_args()
     ckpt = args.dir / "checkpoint"
     if not (ckpt / "WRITTEN").exists():
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "browse"))
-        from bench_browse import write_checkpoint
-
         write_checkpoint(ckpt, args.layers, args.experts, int(1e9))
     config = json.loads((ckpt / "config.json").read_text())
     files = shard_files(ckpt)

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import TokenBlocks
-from .distributed import Shard
+from .distributed import Shard, check_batches
 from .hooks import forward_hooks
 from .models import input_device
 
@@ -153,6 +153,8 @@ def run_blocks(
     done = Throughput()
     total = sum(group.num_tokens() for group in groups.values())
     if shard is not None and shard.active:
+        # every process must get a batch: one without would wait forever in the sums' all-reduce
+        check_batches(shard, count_batches(blocks, batch_size, by_label))
         total = -(-total // shard.world)  # about this process's share, for the bar only
     index = -1
     bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not progress, leave=False)

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from ..arch import ArchAdapter, MoELayer
-from ..block_runner import Batch, BatchHook, Scope, count_batches, run_blocks
+from ..block_runner import Batch, BatchHook, Scope, run_blocks
 from ..data import TokenBlocks
-from ..distributed import Shard, check_batches, sum_into
+from ..distributed import Shard, sum_into
 from .stats import read_layer_tables, write_layer_tables
 from .usage_probe import probed_layers
 
@@ -199,8 +199,6 @@ def score_experts(model, adapter: ArchAdapter, blocks: TokenBlocks, batch_size: 
     this process scores its share of the batches, the sums are added over every process."""
     if len(blocks) == 0:
         raise ValueError("no token blocks to score experts on: the dataset produced no blocks")
-    if shard is not None:
-        check_batches(shard, count_batches(blocks, batch_size, by_label))
     probe = ExpertScoreProbe(model, adapter, group_names=blocks.label_names or ["all"])
     done = run_blocks(model, blocks, batch_size, hooks=probe.hooks(), by_label=by_label, scope=scope,
                       progress=progress, desc=desc, shard=shard)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..arch import ArchAdapter
-from ..block_runner import Scope, count_batches, run_blocks
+from ..block_runner import Scope, run_blocks
 from ..data import TokenBlocks
-from ..distributed import Shard, check_batches, sum_into
+from ..distributed import Shard, sum_into
 from .stats import TENSORS, UsageStats
 from .usage_probe import RouterUsageProbe
 
@@ -35,8 +35,6 @@ def profile_usage(
         raise ValueError("a per-token trace is written by one process: run router_usage.trace=true without torchrun")
     if len(blocks) == 0:
         raise ValueError("no token blocks to profile: the dataset produced no blocks")
-    if shard is not None:
-        check_batches(shard, count_batches(blocks, batch_size, by_label))
     probe = RouterUsageProbe(model, adapter, group_names=blocks.label_names or ["all"], trace_path=trace_path,
                              trace_max_tokens=trace_max_tokens)
     with probe.tracing():
