@@ -42,6 +42,8 @@ HAND = np.array([
     ("average", 5, [[0], [1], [2], [3], [4]]),
     ("complete", 1, [[0, 1, 2, 3, 4]]),
 ])
+
+
 def test_agglomerate_known_answers(linkage, n, expected):
     assert agglomerate(HAND, n, linkage) == expected
     assert agglomerate(torch.tensor(HAND), n, linkage) == expected
@@ -271,12 +273,7 @@ def test_expert_merge_memory_equals_export_bit_for_bit(tmp_path, family, dtype, 
             expected = model(input_ids=ids).logits
     assert metrics["export/max_abs_logit_diff"] <= 1e-5
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
-    for layer, again in zip(layers, adapter.moe_layers(reloaded)):
-        kept = torch.tensor(plans[layer.index].kept)
-        mine = dict(getattr(layer.block, adapter.experts_attr).named_parameters())
-        for name, p in getattr(again.block, adapter.experts_attr).named_parameters():
-            assert torch.equal(p, mine[name].index_select(0, kept)), name
-        assert torch.equal(again.router.weight, layer.router.weight.index_select(0, kept))
+    assert_reload_is_merged(adapter, layers, reloaded, plans)
     # logits: equal up to float reassociation (a softmax over E' experts instead of E with some at -inf)
     with torch.no_grad():
         assert float((reloaded(input_ids=ids).logits - expected).abs().max()) <= 1e-5
@@ -340,12 +337,7 @@ def test_merged_disk_values_are_computed_one_at_a_time(tmp_path, monkeypatch, fa
     monkeypatch.undo()
     merge_in_memory(model, adapter, plans, "freq_mean", ckpt)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "lazy", dtype=torch.float32).eval()
-    for layer, again in zip(layers, adapter.moe_layers(reloaded)):
-        kept = torch.tensor(plans[layer.index].kept)
-        mine = dict(getattr(layer.block, adapter.experts_attr).named_parameters())
-        for name, p in getattr(again.block, adapter.experts_attr).named_parameters():
-            assert torch.equal(p, mine[name].index_select(0, kept)), name
-        assert torch.equal(again.router.weight, layer.router.weight.index_select(0, kept))
+    assert_reload_is_merged(adapter, layers, reloaded, plans)
 
 
 def test_duplicate_experts_are_merged_first(tmp_path):
@@ -403,3 +395,13 @@ def test_expert_merge_scores_of_another_model_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"needs calibration tokens \(similarity=output\) from data.train"):
         run_experiment(compose_cfg(overrides(tmp_path, ckpt, f"expert_merge.scores={tmp_path}/scores8.safetensors",
                                              "data.train.path=null")), tmp_path / "bad2")
+
+
+def assert_reload_is_merged(adapter, layers, reloaded, plans) -> None:
+    """Every experts parameter and router row of the reloaded export equals the in-memory merged model's kept slots."""
+    for layer, again in zip(layers, adapter.moe_layers(reloaded)):
+        kept = torch.tensor(plans[layer.index].kept)
+        mine = dict(getattr(layer.block, adapter.experts_attr).named_parameters())
+        for name, p in getattr(again.block, adapter.experts_attr).named_parameters():
+            assert torch.equal(p, mine[name].index_select(0, kept)), name
+        assert torch.equal(again.router.weight, layer.router.weight.index_select(0, kept))
